@@ -1,0 +1,198 @@
+"""The product's vocabulary: names, GPUs, links and the discovered topology.
+
+Everything here is plain data (frozen dataclasses, NewTypes); no I/O, no gRPC, no NVML.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NewType
+
+ResourceName = NewType("ResourceName", str)
+"""An extended resource, e.g. ``kyb.ai/gpu-2x-seat``."""
+
+DeviceId = NewType("DeviceId", str)
+"""One seat as the kubelet counts it, e.g. ``G01-s2``."""
+
+GroupName = NewType("GroupName", str)
+"""A stable group name, e.g. ``G01``."""
+
+RESOURCE_PATTERN = re.compile(r"^kyb\.ai/gpu-(?P<size>[124])x-seat$")
+
+
+def group_size_of(resource: ResourceName | str) -> int:
+    """The GPUs per group that a resource name promises (``kyb.ai/gpu-4x-seat`` -> 4)."""
+    match = RESOURCE_PATTERN.match(resource)
+    if match is None:
+        raise ValueError(f"not a kyb seat resource: {resource!r}")
+    return int(match["size"])
+
+
+def socket_name_of(resource: ResourceName | str) -> str:
+    """The plugin socket file for a resource (``kyb.ai/gpu-2x-seat`` -> ``kyb-gpu-2x-seat.sock``)."""
+    return f"kyb-gpu-{group_size_of(resource)}x-seat.sock"
+
+
+class LinkKind(enum.Enum):
+    """The ``nvidia-smi topo -m`` connection levels, best first after ``X`` (self)."""
+
+    SELF = "X"
+    NVLINK = "NV"
+    PIX = "PIX"
+    PXB = "PXB"
+    PHB = "PHB"
+    NODE = "NODE"
+    SYS = "SYS"
+
+
+# Monotone quality: any NVLink beats any PCIe path; more NVLinks beat fewer.
+_PCIE_SCORE = {
+    LinkKind.PIX: 5,
+    LinkKind.PXB: 4,
+    LinkKind.PHB: 3,
+    LinkKind.NODE: 2,
+    LinkKind.SYS: 1,
+}
+_NVLINK_BASE_SCORE = 100
+# Older drivers print SOC for what is now SYS.
+_ALIASES = {"SOC": "SYS"}
+_NV_WORD = re.compile(r"^NV(?P<count>[1-9][0-9]*)$")
+
+
+@dataclass(frozen=True)
+class Link:
+    """How two GPUs are connected, in ``nvidia-smi topo -m`` terms."""
+
+    kind: LinkKind
+    nvlinks: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.kind is LinkKind.NVLINK) != (self.nvlinks > 0):
+            raise ValueError(f"NVLink count {self.nvlinks} does not fit link kind {self.kind.value}")
+
+    @classmethod
+    def parse(cls, word: str) -> Link:
+        """Parse a ``nvidia-smi topo -m`` word (``X``, ``NV12``, ``PIX`` ... ``SYS``)."""
+        text = _ALIASES.get(word.strip(), word.strip())
+        nv = _NV_WORD.match(text)
+        if nv is not None:
+            return cls(LinkKind.NVLINK, int(nv["count"]))
+        try:
+            kind = LinkKind(text)
+        except ValueError:
+            raise ValueError(
+                f"unknown link word {word!r} (expected X, NV<n>, PIX, PXB, PHB, NODE or SYS)"
+            ) from None
+        if kind is LinkKind.NVLINK:
+            raise ValueError(f"link word {word!r} lacks its NVLink count")
+        return cls(kind)
+
+    @property
+    def word(self) -> str:
+        if self.kind is LinkKind.NVLINK:
+            return f"NV{self.nvlinks}"
+        return self.kind.value
+
+    @property
+    def score(self) -> int:
+        """Link quality for grouping: higher is better, strictly monotone in the legend order."""
+        if self.kind is LinkKind.SELF:
+            raise ValueError("a GPU's link to itself has no score")
+        if self.kind is LinkKind.NVLINK:
+            return _NVLINK_BASE_SCORE + self.nvlinks
+        return _PCIE_SCORE[self.kind]
+
+    def __str__(self) -> str:
+        return self.word
+
+
+SELF_LINK = Link(LinkKind.SELF)
+SYS_LINK = Link(LinkKind.SYS)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One physical GPU as discovered."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_mib: int
+    pci_bus_id: str
+    minor: int
+    numa_node: int | None = None
+
+    @property
+    def device_path(self) -> str:
+        """The character device a container needs, by minor number (not by index)."""
+        return f"/dev/nvidia{self.minor}"
+
+
+def _pair(a: int, b: int) -> tuple[int, int]:
+    return (a, b) if a < b else (b, a)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A discovery snapshot: the GPUs (sorted by index) and the link of every pair."""
+
+    gpus: tuple[Gpu, ...]
+    links: Mapping[tuple[int, int], Link] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(self.gpus, key=lambda g: g.index))
+        indices = [g.index for g in ordered]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"duplicate GPU indices in {indices}")
+        normalized = {_pair(a, b): link for (a, b), link in self.links.items() if a != b}
+        object.__setattr__(self, "gpus", ordered)
+        object.__setattr__(self, "links", MappingProxyType(normalized))
+
+    @classmethod
+    def from_matrix(cls, gpus: Iterable[Gpu], matrix: Iterable[Iterable[Link | str]]) -> Topology:
+        """Build from a square matrix whose rows and columns follow ``gpus`` in the given order."""
+        gpu_list = list(gpus)
+        rows = [list(row) for row in matrix]
+        if len(rows) != len(gpu_list) or any(len(row) != len(gpu_list) for row in rows):
+            raise ValueError(f"link matrix must be {len(gpu_list)}x{len(gpu_list)}")
+        links: dict[tuple[int, int], Link] = {}
+        for i, row in enumerate(rows):
+            for j, cell in enumerate(row):
+                link = cell if isinstance(cell, Link) else Link.parse(cell)
+                if i == j:
+                    if link.kind is not LinkKind.SELF:
+                        raise ValueError(f"diagonal cell [{i}][{j}] must be X, got {link.word}")
+                    continue
+                if link.kind is LinkKind.SELF:
+                    raise ValueError(f"cell [{i}][{j}] is X off the diagonal")
+                key = _pair(gpu_list[i].index, gpu_list[j].index)
+                if key in links and links[key] != link:
+                    raise ValueError(
+                        f"link matrix is not symmetric at [{i}][{j}]: "
+                        f"{links[key].word} vs {link.word}"
+                    )
+                links[key] = link
+        return cls(tuple(gpu_list), links)
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(g.index for g in self.gpus)
+
+    def gpu(self, index: int) -> Gpu:
+        for g in self.gpus:
+            if g.index == index:
+                return g
+        raise KeyError(index)
+
+    def link(self, a: int, b: int) -> Link:
+        """The link between two GPUs; unknown pairs count as the worst (``SYS``)."""
+        if a == b:
+            return SELF_LINK
+        return self.links.get(_pair(a, b), SYS_LINK)
+
+    def matrix(self) -> list[list[Link]]:
+        return [[self.link(a.index, b.index) for b in self.gpus] for a in self.gpus]
