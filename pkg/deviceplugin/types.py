@@ -95,7 +95,7 @@ class Link:
     def word(self) -> str:
         if self.kind is LinkKind.NVLINK:
             return f"NV{self.nvlinks}"
-        return self.kind.value
+        return str(self.kind.value)
 
     @property
     def score(self) -> int:

@@ -1,0 +1,5 @@
+import sys
+
+from pkg.deviceplugin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""Durable, atomic storage of the seat ledger's JSON document.
+
+Every save is a complete document written to a temp file, fsync'd, renamed over the old
+one, and the directory fsync'd, so a crash at any instant leaves either the old or the
+new document, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / STATE_FILE
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved document, or None for a fresh start.
+
+        A corrupt or unreadable file is moved aside (kept for inspection) and reported
+        in one log line; the caller rebuilds from the kubelet's PodResources.
+        """
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._set_aside(f"unreadable ({exc.strerror})")
+            return None
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            self._set_aside(f"not valid JSON ({exc})")
+            return None
+        if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+            found = doc.get("version") if isinstance(doc, dict) else type(doc).__name__
+            self._set_aside(f"unknown format version {found!r} (expected {FORMAT_VERSION})")
+            return None
+        return doc
+
+    def save(self, doc: dict[str, Any]) -> None:
+        payload = json.dumps({**doc, "version": FORMAT_VERSION}, sort_keys=True, indent=1)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
+        try:
+            os.replace(self.path, aside)
+            kept = f"kept as {aside}"
+        except OSError as exc:
+            kept = f"could not be moved aside: {exc.strerror}"
+        log.error(
+            "seat ledger %s is %s; %s; rebuilding from the kubelet's PodResources",
+            self.path,
+            why,
+            kept,
+        )

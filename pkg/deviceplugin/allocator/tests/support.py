@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pkg.deviceplugin.allocator import layout
+from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.store import StateStore
+from pkg.deviceplugin.types import Gpu, GroupName, ResourceName, Topology
+
+R1 = ResourceName("kyb.ai/gpu-1x-seat")
+R2 = ResourceName("kyb.ai/gpu-2x-seat")
+
+
+def four_gpus_in_nvlink_pairs() -> Topology:
+    gpus = [
+        Gpu(i, f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd", "NVIDIA A100-SXM4-40GB", 40960,
+            f"00000000:0{i + 1}:00.0", minor=10 + i, numa_node=i // 2)
+        for i in range(4)
+    ]
+    matrix = [
+        ["X", "NV4", "SYS", "SYS"],
+        ["NV4", "X", "SYS", "SYS"],
+        ["SYS", "SYS", "X", "NV4"],
+        ["SYS", "SYS", "NV4", "X"],
+    ]
+    return Topology.from_matrix(gpus, matrix)
+
+
+def seed_layout(topology: Topology | None = None) -> layout.Layout:
+    """The seed's example: 1x seats 4 per group, 2x seats 3 per group, G01 and G23 explicit."""
+    return layout.build(
+        [layout.ProfileSpec(R1, 1, 4), layout.ProfileSpec(R2, 2, 3)],
+        [layout.GroupSpec(GroupName("G01"), (0, 1)), layout.GroupSpec(GroupName("G23"), (2, 3))],
+        topology or four_gpus_in_nvlink_pairs(),
+    )
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+MakeBoard = Callable[..., SeatBoard]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_board(tmp_path: Path, clock: Clock) -> MakeBoard:
+    def make(policy: Policy | None = None, lay: layout.Layout | None = None,
+             grace: float = 60.0, dev_root: Path | None = None) -> SeatBoard:
+        return SeatBoard(
+            lay or seed_layout(),
+            policy or Policy(),
+            StateStore(tmp_path / "state"),
+            release_grace_s=grace,
+            clock=clock,
+            dev_root=dev_root or tmp_path / "root",
+        )
+
+    return make

@@ -1,0 +1,240 @@
+"""The composition root: flags and env -> config -> NVML backend -> the running plugin.
+
+This is the one module that picks concrete implementations (pynvml or the mock) and
+turns every failure into one readable line and an exit code: 0 ok, 2 bad usage or bad
+config, 1 anything else. Tracebacks go to the debug log only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from pkg.deviceplugin import logs, report
+from pkg.deviceplugin.allocator.layout import LayoutError
+from pkg.deviceplugin.config import flags as config_flags
+from pkg.deviceplugin.config import loader as config_loader
+from pkg.deviceplugin.config.model import Config
+from pkg.deviceplugin.nvml.backend import Backend, NvmlError
+
+log = logging.getLogger("kyb-device-plugin")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+SUBCOMMANDS = ("serve", "plan", "status", "demo", "codegen")
+
+
+class UsageError(Exception):
+    """Bad usage or bad config: exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kyb-device-plugin",
+        description="Kubernetes device plugin exporting GPU seats as kyb.ai/gpu-<N>x-seat.",
+    )
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    helps = {
+        "serve": "serve every profile to the kubelet (the default)",
+        "plan": "print the topology, groups and seats the config yields, without serving",
+        "status": "print the live seat map of a running plugin (from its state file)",
+        "demo": "run against a mock GPU node and a built-in kubelet simulator",
+    }
+    for name, text in helps.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument(
+            "--config",
+            help="config file (env KYB_CONFIG; default /etc/kyb/device-plugin/config.yaml, "
+            "built-in default when that file does not exist)",
+        )
+        sub.add_argument(
+            "--nvml-mock",
+            metavar="NAME_OR_PATH",
+            help="use a built-in mock topology or a topology file instead of NVML "
+            "(env KYB_NVML_MOCK)",
+        )
+        sub.add_argument("--output", choices=("text", "json"), default="text",
+                         help="output format of plan and status")
+        sub.add_argument("--dev-root", default="/", help=argparse.SUPPRESS)
+        sub.add_argument("--debug", action="store_true", help="debug logs, with tracebacks")
+        config_flags.add_arguments(sub)
+    codegen = commands.add_parser("codegen", help="regenerate or check generated files",
+                                  add_help=False)
+    codegen.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help")):
+        args_list.insert(0, "serve")
+    try:
+        args = build_parser().parse_args(args_list)
+        if args.command == "codegen":
+            return _codegen(args.args)
+        logs.setup("text", logging.DEBUG if args.debug else logging.INFO)
+        config = _load_config(args)
+        logs.setup(config.log_format, logging.DEBUG if args.debug else logging.INFO)
+        command: Callable[[argparse.Namespace, Config], int] = {
+            "serve": _serve,
+            "plan": _plan,
+            "status": _status,
+            "demo": _demo,
+        }[args.command]
+        return command(args, config)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except (config_loader.ConfigError, LayoutError) as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except NvmlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as exc:
+        log.debug("unexpected failure", exc_info=True)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("KYB_CONFIG")
+    overrides = config_flags.overrides_from(args, os.environ)
+    return config_loader.load(Path(path) if path else None, overrides)
+
+
+def open_backend(mock: str | None) -> Backend:
+    """The mock when asked for, else real NVML through pynvml."""
+    if mock:
+        from pkg.deviceplugin.nvml import mock as mock_backend
+
+        return mock_backend.MockBackend.from_name_or_path(mock)
+    from pkg.deviceplugin.nvml import real
+
+    try:
+        pynvml = importlib.import_module("pynvml")
+    except ImportError as exc:
+        raise NvmlError(f"pynvml (nvidia-ml-py) is not installed: {exc}") from exc
+    return real.RealBackend(pynvml)
+
+
+def _mock_choice(args: argparse.Namespace) -> str | None:
+    value = args.nvml_mock or os.environ.get("KYB_NVML_MOCK")
+    return str(value) if value else None
+
+
+def _discovering_backend(args: argparse.Namespace) -> Backend:
+    mock = _mock_choice(args)
+    backend = open_backend(mock)
+    if mock is None:
+        try:
+            backend.discover()
+        except NvmlError as exc:
+            from pkg.deviceplugin.nvml import fixtures
+
+            raise NvmlError(
+                f"no usable NVIDIA GPU: {exc}; for a node without GPUs pass --nvml-mock "
+                f"with a topology file or one of: {', '.join(fixtures.FIXTURES)}"
+            ) from exc
+    return backend
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from pkg.deviceplugin.server.runtime import Runtime
+
+    backend = _discovering_backend(args)
+    runtime = Runtime(config, backend, dev_root=Path(args.dev_root))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    runtime.start()
+    log.info(
+        "kyb-device-plugin serving %s from %s",
+        ", ".join(runtime.manager.resources),
+        config.kubelet_dir,
+    )
+    while not stop.wait(1.0):
+        pass
+    runtime.stop()
+    return EXIT_OK
+
+
+def _plan(args: argparse.Namespace, config: Config) -> int:
+    backend = _discovering_backend(args)
+    try:
+        topology = backend.discover()
+    finally:
+        backend.close()
+    doc = report.plan_document(config, topology)
+    _emit(args.output, doc, lambda out: report.print_plan(doc, topology, out))
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    from pkg.deviceplugin.allocator.store import StateStore
+
+    path = StateStore(config.state_dir).path
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        print(
+            f"error: no state file at {path}; is the plugin running with --state-dir "
+            f"{config.state_dir}?",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    shown = report.status_view(doc)
+    _emit(args.output, shown, lambda out: report.print_seat_map(shown, out))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace, config: Config) -> int:
+    from pkg.deviceplugin import demo
+
+    return demo.run(config, _mock_choice(args) or demo.DEFAULT_TOPOLOGY, sys.stdout)
+
+
+def _codegen(rest: Sequence[str]) -> int:
+    try:
+        codegen_main = importlib.import_module("codegen.__main__")
+    except ImportError:
+        print("error: codegen needs a source checkout; run it from the repository root",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return int(codegen_main.main(list(rest)))
+
+
+def _emit(output: str, doc: dict[str, Any], text: Callable[[TextIO], None]) -> None:
+    if output == "json":
+        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        text(sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

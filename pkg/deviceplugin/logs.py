@@ -1,0 +1,50 @@
+"""Structured logs: one line per event, text or JSON, carrying the resource, group, seat
+and GPU an event concerns (passed as ``extra=``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, TextIO
+
+CONTEXT_KEYS = ("resource", "group", "seat", "gpu", "generation")
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        context = " ".join(
+            f"{key}={getattr(record, key)}" for key in CONTEXT_KEYS if hasattr(record, key)
+        )
+        line = f"{self.formatTime(record)} {record.levelname:<7} {record.getMessage()}"
+        if context:
+            line = f"{line} [{context}]"
+        if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in CONTEXT_KEYS:
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup(fmt: str = "text", level: int = logging.INFO, stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)

@@ -1,0 +1,92 @@
+"""What ``plan`` and ``status`` show: the SPEC section 9 documents and their text tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import combinations
+from typing import Any, TextIO
+
+from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.config.model import Config
+from pkg.deviceplugin.server import runtime
+from pkg.deviceplugin.types import Topology
+
+
+def plan_document(config: Config, topology: Topology) -> dict[str, Any]:
+    """The status shape for a fresh node (every seat free, generation 0) plus group links."""
+    layout = runtime.build_layout(config, topology)
+    doc = SeatBoard(layout, Policy(), None, release_grace_s=config.release_grace_period).status()
+    for resource, group in layout.groups():
+        entry = doc["resources"][resource]["groups"][group.name]
+        entry["links"] = {
+            f"{a}-{b}": topology.link(a, b).word for a, b in combinations(group.indices, 2)
+        }
+    return doc
+
+
+def status_view(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The node agent's view of a state file: its ``resources``, ledger detail dropped."""
+    resources: dict[str, Any] = {}
+    for resource, body in (state.get("resources") or {}).items():
+        groups: dict[str, Any] = {}
+        for name, group in (body.get("groups") or {}).items():
+            seats = {
+                seat_id: {k: v for k, v in seat.items() if k in ("state", "generation", "why")}
+                for seat_id, seat in (group.get("seats") or {}).items()
+            }
+            groups[name] = {**{k: v for k, v in group.items() if k != "seats"}, "seats": seats}
+        resources[resource] = {"groups": groups}
+    return {"resources": resources}
+
+
+def print_plan(doc: Mapping[str, Any], topology: Topology, out: TextIO) -> None:
+    out.write(topology_matrix(topology))
+    out.write("\n")
+    print_seat_map(doc, out, with_links=True)
+
+
+def topology_matrix(topology: Topology) -> str:
+    """The link matrix as ``nvidia-smi topo -m`` prints it."""
+    if not topology.gpus:
+        return "no GPUs\n"
+    names = [f"GPU{g.index}" for g in topology.gpus]
+    lines = ["\t" + "\t".join(names) + "\tNUMA Affinity"]
+    for gpu, row in zip(topology.gpus, topology.matrix(), strict=True):
+        numa = "N/A" if gpu.numa_node is None else str(gpu.numa_node)
+        lines.append(f"GPU{gpu.index}\t" + "\t".join(f" {cell.word}" for cell in row) + f"\t{numa}")
+    lines.append("")
+    for gpu in topology.gpus:
+        lines.append(
+            f"GPU{gpu.index}: {gpu.name}, {gpu.uuid}, {gpu.memory_mib} MiB, "
+            f"PCI {gpu.pci_bus_id}, /dev/nvidia{gpu.minor}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def print_seat_map(doc: Mapping[str, Any], out: TextIO, *, with_links: bool = False) -> None:
+    resources = doc.get("resources") or {}
+    if not resources:
+        out.write("no profiles\n")
+    for resource, body in sorted(resources.items()):
+        groups = body.get("groups") or {}
+        seats_total = sum(len(g.get("seats") or {}) for g in groups.values())
+        out.write(f"{resource}: {len(groups)} group(s), {seats_total} seat(s)\n")
+        if not groups:
+            out.write("  (no group of this size on this node)\n")
+        for name, group in sorted(groups.items()):
+            flags = [group.get("health", "?")]
+            if group.get("fenced"):
+                flags.append("fenced")
+            if group.get("drained"):
+                flags.append("draining")
+            gpus = ",".join(str(i) for i in group.get("gpus") or [])
+            line = f"  {name:<10} GPUs [{gpus}]  {' '.join(flags)}"
+            if with_links and group.get("links"):
+                line += "  links " + " ".join(f"{k}:{v}" for k, v in sorted(group["links"].items()))
+            out.write(line + "\n")
+            out.write("    " + "  ".join(_seat_cells(group.get("seats") or {})) + "\n")
+
+
+def _seat_cells(seats: Mapping[str, Mapping[str, Any]]) -> Iterable[str]:
+    for seat_id, seat in seats.items():
+        yield f"{seat_id}={seat.get('state')}/g{seat.get('generation')}"

@@ -1,0 +1,40 @@
+"""Registering one profile's socket with the kubelet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pkg.deviceplugin.server.plugin import plugin_options
+from pkg.deviceplugin.server.podresources import unix_target
+from pkg.deviceplugin.types import ResourceName
+
+API_VERSION = "v1beta1"
+KUBELET_SOCKET = "kubelet.sock"
+
+
+class RegistrationError(Exception):
+    pass
+
+
+def register(
+    kubelet_socket: Path, resource: ResourceName, endpoint: str, timeout_s: float = 2.0
+) -> None:
+    """One Register call; the plugin's socket must already be serving."""
+    try:
+        with grpc.insecure_channel(unix_target(kubelet_socket)) as channel:
+            api_pb2_grpc.RegistrationStub(channel).Register(
+                api_pb2.RegisterRequest(
+                    version=API_VERSION,
+                    endpoint=endpoint,
+                    resource_name=resource,
+                    options=plugin_options(),
+                ),
+                timeout=timeout_s,
+            )
+    except grpc.RpcError as exc:
+        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        code = exc.code().name if isinstance(exc, grpc.Call) else "ERROR"
+        raise RegistrationError(f"{code}: {detail}") from exc
