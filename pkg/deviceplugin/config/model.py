@@ -182,12 +182,9 @@ class GroupSpec(_Model):
     @classmethod
     def _sized_and_distinct(cls, gpus: tuple[int, ...]) -> tuple[int, ...]:
         if len(gpus) not in GROUP_SIZES:
-            raise ValueError(f"must list 1, 2 or 4 GPUs, got {len(gpus)}")
-        seen: set[int] = set()
-        for gpu in gpus:
-            if gpu in seen:
-                raise ValueError(f"GPU {gpu} is listed twice")
-            seen.add(gpu)
+            raise ValueError("must list 1, 2 or 4 GPUs")
+        if len(set(gpus)) != len(gpus):
+            raise ValueError("must not list a GPU twice")
         return gpus
 
     @property
