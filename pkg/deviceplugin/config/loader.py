@@ -164,8 +164,6 @@ def _parse_yaml(text: str, source_name: str) -> Mapping[str, Any]:
         f"{source_name}:{number}: tab character used for indentation; YAML needs spaces"
         for number, line in enumerate(text.splitlines(), start=1)
         if "\t" in line[: len(line) - len(line.lstrip(" \t"))]
-        and line.strip()
-        and not line.lstrip().startswith("#")
     ]
     if tab_lines:
         raise ConfigError(tab_lines)
@@ -174,6 +172,8 @@ def _parse_yaml(text: str, source_name: str) -> Mapping[str, Any]:
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f"{source_name}:{mark.line + 1}:{mark.column + 1}" if mark else source_name
+        if error.problem and "'\\t'" in error.problem:
+            raise ConfigError([f"{where}: tab character where YAML needs a space"]) from None
         raise ConfigError([f"{where}: invalid YAML: {error.problem}"]) from None
     except yaml.YAMLError as error:
         raise ConfigError([f"{source_name}: invalid YAML: {error}"]) from None
