@@ -19,12 +19,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from pkg.deviceplugin import logs, report
-from pkg.deviceplugin.allocator.layout import LayoutError
-from pkg.deviceplugin.config import flags as config_flags
-from pkg.deviceplugin.config import loader as config_loader
-from pkg.deviceplugin.config.model import Config
-from pkg.deviceplugin.nvml.backend import Backend, NvmlError
+# gRPC's C core logs connection chatter (GOAWAY on a peer's restart) straight to stderr;
+# the plugin logs what matters itself. Must be set before grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from pkg.deviceplugin import logs, report  # noqa: E402
+from pkg.deviceplugin.allocator.layout import LayoutError  # noqa: E402
+from pkg.deviceplugin.config import flags as config_flags  # noqa: E402
+from pkg.deviceplugin.config import loader as config_loader  # noqa: E402
+from pkg.deviceplugin.config.model import Config  # noqa: E402
+from pkg.deviceplugin.nvml.backend import Backend, NvmlError  # noqa: E402
 
 log = logging.getLogger("kyb-device-plugin")
 
@@ -66,13 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="use a built-in mock topology or a topology file instead of NVML "
             "(env KYB_NVML_MOCK)",
         )
-        sub.add_argument("--output", choices=("text", "json"), default="text",
-                         help="output format of plan and status")
+        sub.add_argument(
+            "--output",
+            choices=("text", "json"),
+            default="text",
+            help="output format of plan and status",
+        )
         sub.add_argument("--dev-root", default="/", help=argparse.SUPPRESS)
         sub.add_argument("--debug", action="store_true", help="debug logs, with tracebacks")
         config_flags.add_arguments(sub)
-    codegen = commands.add_parser("codegen", help="regenerate or check generated files",
-                                  add_help=False)
+    codegen = commands.add_parser(
+        "codegen", help="regenerate or check generated files", add_help=False
+    )
     codegen.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -222,8 +231,10 @@ def _codegen(rest: Sequence[str]) -> int:
     try:
         codegen_main = importlib.import_module("codegen.__main__")
     except ImportError:
-        print("error: codegen needs a source checkout; run it from the repository root",
-              file=sys.stderr)
+        print(
+            "error: codegen needs a source checkout; run it from the repository root",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     return int(codegen_main.main(list(rest)))
 

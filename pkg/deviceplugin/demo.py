@@ -51,9 +51,7 @@ def _show(
     out.write(f"kyb-device-plugin demo on mock node '{topology}'\n\n")
     out.write(report.topology_matrix(runtime.topology) + "\n")
     registered = kubelet.wait_for(
-        lambda: all(
-            r in kubelet.endpoints and kubelet.endpoints[r].updates > 0 for r in resources
-        ),
+        lambda: all(r in kubelet.endpoints and kubelet.endpoints[r].updates > 0 for r in resources),
         REGISTER_TIMEOUT_S,
     )
     if not registered:

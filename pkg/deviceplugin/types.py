@@ -33,7 +33,7 @@ def group_size_of(resource: ResourceName | str) -> int:
 
 
 def socket_name_of(resource: ResourceName | str) -> str:
-    """The plugin socket file for a resource (``kyb.ai/gpu-2x-seat`` -> ``kyb-gpu-2x-seat.sock``)."""
+    """The plugin socket of a resource: ``kyb.ai/gpu-2x-seat`` -> ``kyb-gpu-2x-seat.sock``."""
     return f"kyb-gpu-{group_size_of(resource)}x-seat.sock"
 
 
@@ -72,7 +72,9 @@ class Link:
 
     def __post_init__(self) -> None:
         if (self.kind is LinkKind.NVLINK) != (self.nvlinks > 0):
-            raise ValueError(f"NVLink count {self.nvlinks} does not fit link kind {self.kind.value}")
+            raise ValueError(
+                f"NVLink count {self.nvlinks} does not fit link kind {self.kind.value}"
+            )
 
     @classmethod
     def parse(cls, word: str) -> Link:

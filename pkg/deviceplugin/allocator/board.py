@@ -187,8 +187,12 @@ class SeatBoard:
                 for seat, generation in new:
                     log.info(
                         "seat bound",
-                        extra={"resource": resource, "group": seat.group.name,
-                               "seat": seat.device_id, "generation": generation},
+                        extra={
+                            "resource": resource,
+                            "group": seat.group.name,
+                            "seat": seat.device_id,
+                            "generation": generation,
+                        },
                     )
         return [
             response.build(
@@ -281,8 +285,11 @@ class SeatBoard:
             ga, gb = groups.get(a), groups.get(b)
             if ga is None or gb is None:
                 return 0
-            return min(topology.link(x, y).score for x in ga.indices for y in gb.indices
-                       if x != y) if set(ga.indices) != set(gb.indices) else 0
+            return (
+                min(topology.link(x, y).score for x in ga.indices for y in gb.indices if x != y)
+                if set(ga.indices) != set(gb.indices)
+                else 0
+            )
 
         return closeness
 
@@ -300,8 +307,7 @@ class SeatBoard:
             log.info(
                 "seat released: %s",
                 release.why,
-                extra={"resource": resource, "seat": device_id,
-                       "generation": release.generation},
+                extra={"resource": resource, "seat": device_id, "generation": release.generation},
             )
         after = {key: b.holder for key, b in self._ledger.held()}
         if releases or before != after:
@@ -373,7 +379,7 @@ class SeatBoard:
         if with_ledger:
             shown = {(r, d) for r, views in snapshot.seats.items() for d in views}
             retired: dict[str, dict[str, Any]] = {}
-            for key in self._ledger.keys():
+            for key in self._ledger.keys():  # noqa: SIM118 (a ledger, not a dict)
                 if key not in shown:
                     retired.setdefault(key[0], {})[key[1]] = self._ledger.to_entry(key)
             doc["retired"] = retired
@@ -390,8 +396,15 @@ class SeatBoard:
             )
             topology = self._layout.topology
             uuids = [topology.gpu(i).uuid for i in gpus if i in topology.indices]
-            return {"gpus": list(gpus), "uuids": uuids, "health": "Unhealthy",
-                    "numaNodes": [], "fenced": False, "drained": False, "seats": {}}
+            return {
+                "gpus": list(gpus),
+                "uuids": uuids,
+                "health": "Unhealthy",
+                "numaNodes": [],
+                "fenced": False,
+                "drained": False,
+                "seats": {},
+            }
         unhealthy = [u for u in group.uuids if u in self._unhealthy]
         return {
             "gpus": list(group.indices),
@@ -417,8 +430,10 @@ class SeatBoard:
         holders: list[str] = []
         for (other, _), binding in self._ledger.held():
             if other != resource and members & set(binding.gpus):
-                holders.append(f"GPU {', '.join(map(str, sorted(members & set(binding.gpus))))}"
-                               f" is held by group {binding.group} of {other}")
+                holders.append(
+                    f"GPU {', '.join(map(str, sorted(members & set(binding.gpus))))}"
+                    f" is held by group {binding.group} of {other}"
+                )
         return sorted(set(holders))
 
     def _build_snapshot(self, version: int) -> _Snapshot:
@@ -428,8 +443,11 @@ class SeatBoard:
             views: dict[DeviceId, SeatView] = {}
             devices: list[DeviceView] = []
             for group in profile.groups:
-                sick = [f"GPU {g.index} ({g.uuid}) {self._unhealthy[g.uuid]}"
-                        for g in group.gpus if g.uuid in self._unhealthy]
+                sick = [
+                    f"GPU {g.index} ({g.uuid}) {self._unhealthy[g.uuid]}"
+                    for g in group.gpus
+                    if g.uuid in self._unhealthy
+                ]
                 fenced = self._fenced_by(resource, group)
                 drained = group.name in self._policy.drain
                 held_count = 0
@@ -451,11 +469,13 @@ class SeatBoard:
                     else:
                         state = "free"
                     views[device_id] = SeatView(
-                        device_id, state, self._ledger.record(key).generation,
-                        group.name, why,
+                        device_id,
+                        state,
+                        self._ledger.record(key).generation,
+                        group.name,
+                        why,
                     )
-                    devices.append(DeviceView(device_id, state in GOOD_STATES,
-                                              group.numa_nodes))
+                    devices.append(DeviceView(device_id, state in GOOD_STATES, group.numa_nodes))
                 snap.held_per_group[(resource, group.name)] = held_count
             snap.seats[resource] = views
             snap.devices[resource] = devices
@@ -464,7 +484,10 @@ class SeatBoard:
             if device_id in views:
                 continue
             views[device_id] = SeatView(
-                device_id, "unhealthy", binding.generation, GroupName(binding.group),
+                device_id,
+                "unhealthy",
+                binding.generation,
+                GroupName(binding.group),
                 "seat no longer in the config; kept until released",
             )
             snap.devices.setdefault(resource, []).append(DeviceView(device_id, False, ()))
@@ -486,8 +509,12 @@ class SeatBoard:
         try:
             self._ledger.restore(key, entry)
         except (KeyError, TypeError, ValueError) as exc:
-            log.error("seat ledger entry %s/%s is damaged (%s); ignoring its binding",
-                      resource, device_id, exc)
+            log.error(
+                "seat ledger entry %s/%s is damaged (%s); ignoring its binding",
+                resource,
+                device_id,
+                exc,
+            )
             generation = entry.get("generation") if isinstance(entry, Mapping) else None
             if isinstance(generation, int):
                 self._ledger.restore(key, {"generation": generation})
@@ -499,5 +526,3 @@ class SeatBoard:
             self._store.save(self._document(with_ledger=True))
         except OSError as exc:
             log.error("could not save the seat ledger to %s: %s", self._store.path, exc)
-
-

@@ -155,7 +155,9 @@ def build(
                 Group(spec.name, tuple(topology.gpu(i) for i in spec.gpus)) for spec in explicit
             )
         else:
-            groups = _auto_groups(topology, profile.size, usable, (keep or {}).get(profile.size, ()))
+            groups = _auto_groups(
+                topology, profile.size, usable, (keep or {}).get(profile.size, ())
+            )
         for group in groups:
             longest = seat_id(group.name, profile.seats_per_group - 1)
             if len(longest) > MAX_DEVICE_ID_LENGTH:
@@ -177,8 +179,10 @@ def _auto_groups(
 ) -> tuple[Group, ...]:
     pinned_gpus = {i for _, members in pinned for i in members}
     free = [i for i in usable if i not in pinned_gpus]
-    formed = [(GroupName(grouping.group_name(m, topology.indices)), m) for m in
-              grouping.partition(topology, size, free)]
+    formed = [
+        (GroupName(grouping.group_name(m, topology.indices)), m)
+        for m in grouping.partition(topology, size, free)
+    ]
     present = set(topology.indices)
     kept = [(name, members) for name, members in pinned if set(members) <= present]
     every = sorted(kept + formed, key=lambda item: item[1])

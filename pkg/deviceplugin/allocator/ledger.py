@@ -77,9 +77,7 @@ class Ledger:
             if record.binding is not None:
                 yield key, record.binding
 
-    def bind(
-        self, key: SeatKey, now: float, group: str, gpus: tuple[int, ...]
-    ) -> tuple[int, bool]:
+    def bind(self, key: SeatKey, now: float, group: str, gpus: tuple[int, ...]) -> tuple[int, bool]:
         """Bind a seat (or confirm its live binding); returns (generation, is_new)."""
         record = self._records.setdefault(key, SeatRecord())
         if record.binding is not None:
@@ -134,8 +132,11 @@ class Ledger:
                 "gpus": list(b.gpus),
                 "holder": None
                 if b.holder is None
-                else {"namespace": b.holder.namespace, "pod": b.holder.pod,
-                      "container": b.holder.container},
+                else {
+                    "namespace": b.holder.namespace,
+                    "pod": b.holder.pod,
+                    "container": b.holder.container,
+                },
             }
         return entry
 
@@ -150,8 +151,11 @@ class Ledger:
         if isinstance(raw, Mapping):
             holder_raw = raw.get("holder")
             holder = (
-                Holder(str(holder_raw["namespace"]), str(holder_raw["pod"]),
-                       str(holder_raw["container"]))
+                Holder(
+                    str(holder_raw["namespace"]),
+                    str(holder_raw["pod"]),
+                    str(holder_raw["container"]),
+                )
                 if isinstance(holder_raw, Mapping)
                 else None
             )

@@ -52,9 +52,9 @@ def choose(
     while len(chosen) < size and remaining:
         groups_chosen = {c.group for c in chosen}
 
-        def key(c: Candidate, groups_chosen: set[GroupName] = groups_chosen) -> tuple[
-            bool, bool, int, int, str, int
-        ]:
+        def key(
+            c: Candidate, groups_chosen: set[GroupName] = groups_chosen
+        ) -> tuple[bool, bool, int, int, str, int]:
             near = max((closeness(c.group, g) for g in groups_chosen), default=0)
             return (
                 not c.good,

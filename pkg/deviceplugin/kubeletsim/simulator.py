@@ -16,6 +16,7 @@ It behaves like the kubelet's device manager where the plugin can tell:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -138,10 +139,8 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
 
     @staticmethod
     def _remove(path: Path) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
     # ---- Registration service ----------------------------------------------------------
 
@@ -350,7 +349,9 @@ class _PodResourcesServicer(pr_grpc.PodResourcesListerServicer):
         self, request: pr_pb2.AllocatableResourcesRequest, context: grpc.ServicerContext
     ) -> pr_pb2.AllocatableResourcesResponse:
         devices = [
-            pr_pb2.ContainerDevices(resource_name=resource, device_ids=self._kubelet.healthy(resource))
+            pr_pb2.ContainerDevices(
+                resource_name=resource, device_ids=self._kubelet.healthy(resource)
+            )
             for resource in sorted(self._kubelet.endpoints)
         ]
         return pr_pb2.AllocatableResourcesResponse(devices=devices)

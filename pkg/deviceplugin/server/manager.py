@@ -10,6 +10,7 @@ backoff so a restarted kubelet sees every profile again within a second.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -108,7 +109,8 @@ class PluginManager:
             for resource, served in list(self._served.items()):
                 if _inode(served.path) != served.inode:
                     log.info(
-                        "plugin socket %s was removed; serving it again", served.path,
+                        "plugin socket %s was removed; serving it again",
+                        served.path,
                         extra={"resource": resource},
                     )
                     self._stop_one(served, remove_socket=False)
@@ -156,7 +158,9 @@ class PluginManager:
             if message != served.last_error:
                 log.warning(
                     "registration with the kubelet failed (%s); retrying with backoff up to %gs",
-                    message, MAX_BACKOFF_S, extra={"resource": served.resource},
+                    message,
+                    MAX_BACKOFF_S,
+                    extra={"resource": served.resource},
                 )
                 served.last_error = message
             served.next_attempt = now + served.backoff
@@ -178,7 +182,5 @@ class PluginManager:
         served.servicer.stop()
         served.server.stop(grace=None)
         if remove_socket and _inode(served.path) == served.inode and served.inode is not None:
-            try:
+            with contextlib.suppress(OSError):
                 served.path.unlink()
-            except OSError:
-                pass

@@ -49,9 +49,7 @@ def build_layout(config: Config, topology: Topology) -> layout_mod.Layout:
 
 
 class Runtime:
-    def __init__(
-        self, config: Config, backend: Backend, *, dev_root: Path = Path("/")
-    ) -> None:
+    def __init__(self, config: Config, backend: Backend, *, dev_root: Path = Path("/")) -> None:
         self.config = config
         self.backend = backend
         self.topology = backend.discover()

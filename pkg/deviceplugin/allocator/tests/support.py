@@ -16,8 +16,15 @@ R2 = ResourceName("kyb.ai/gpu-2x-seat")
 
 def four_gpus_in_nvlink_pairs() -> Topology:
     gpus = [
-        Gpu(i, f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd", "NVIDIA A100-SXM4-40GB", 40960,
-            f"00000000:0{i + 1}:00.0", minor=10 + i, numa_node=i // 2)
+        Gpu(
+            i,
+            f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd",
+            "NVIDIA A100-SXM4-40GB",
+            40960,
+            f"00000000:0{i + 1}:00.0",
+            minor=10 + i,
+            numa_node=i // 2,
+        )
         for i in range(4)
     ]
     matrix = [
@@ -56,8 +63,12 @@ def clock() -> Clock:
 
 @pytest.fixture
 def make_board(tmp_path: Path, clock: Clock) -> MakeBoard:
-    def make(policy: Policy | None = None, lay: layout.Layout | None = None,
-             grace: float = 60.0, dev_root: Path | None = None) -> SeatBoard:
+    def make(
+        policy: Policy | None = None,
+        lay: layout.Layout | None = None,
+        grace: float = 60.0,
+        dev_root: Path | None = None,
+    ) -> SeatBoard:
         return SeatBoard(
             lay or seed_layout(),
             policy or Policy(),

@@ -5,10 +5,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, MakeBoard, seed_layout
 
 from pkg.deviceplugin.allocator.board import AllocationError, Policy
 from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, MakeBoard, seed_layout
 from pkg.deviceplugin.types import DeviceId, GroupName
 
 POD_A = Holder("default", "a", "main")
@@ -17,7 +17,12 @@ POD_A = Holder("default", "a", "main")
 def test_seat_ids_are_group_dash_s_k_for_every_profile(make_board: MakeBoard) -> None:
     board = make_board()
     assert [d.device_id for d in board.devices(R2)] == [
-        "G01-s0", "G01-s1", "G01-s2", "G23-s0", "G23-s1", "G23-s2"
+        "G01-s0",
+        "G01-s1",
+        "G01-s2",
+        "G23-s0",
+        "G23-s1",
+        "G23-s2",
     ]
     assert len(board.devices(R1)) == 16
     assert board.devices(R1)[0].device_id == "G0-s0"
@@ -53,7 +58,10 @@ def test_allocate_returns_envs_annotations_and_minor_device_nodes(
     assert answer.annotations["kyb.ai/seat-gen"] == "1"
     # Minor numbers (12, 13), not indices (2, 3); uvm only where it exists.
     assert answer.device_paths == (
-        "/dev/nvidia12", "/dev/nvidia13", "/dev/nvidiactl", "/dev/nvidia-uvm"
+        "/dev/nvidia12",
+        "/dev/nvidia13",
+        "/dev/nvidiactl",
+        "/dev/nvidia-uvm",
     )
     assert answer.cdi_devices == ()
 

@@ -1,0 +1,301 @@
+"""The real process, the kubelet simulator, real gRPC over real Unix sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pkg.deviceplugin.kubeletsim.simulator import AdmissionError, ContainerSpec
+from pkg.deviceplugin.types import group_size_of
+from tests.e2e import support
+from tests.e2e.conftest import RESOURCES
+
+TOPOLOGY = support.topology_of()
+SEATS = {"kyb.ai/gpu-1x-seat": 4, "kyb.ai/gpu-2x-seat": 3}  # the built-in default
+
+
+def expected_seats(resource: str) -> int:
+    return (len(TOPOLOGY.gpus) // group_size_of(resource)) * SEATS[resource]
+
+
+def needs_seats(resource: str) -> None:
+    if expected_seats(resource) == 0:
+        pytest.skip(f"topology {support.TOPOLOGY} has no group for {resource}")
+
+
+def stub(node: support.Node, resource: str) -> api_pb2_grpc.DevicePluginStub:
+    path = node.kubelet_dir / f"kyb-gpu-{group_size_of(resource)}x-seat.sock"
+    return api_pb2_grpc.DevicePluginStub(grpc.insecure_channel(f"unix://{path}"))
+
+
+@pytest.mark.e2e
+def test_every_profile_registers_on_its_own_socket_with_its_seat_count(
+    serving: support.Node,
+) -> None:
+    for resource in RESOURCES:
+        endpoint = serving.kubelet.endpoints[resource]
+        assert endpoint.socket == f"kyb-gpu-{group_size_of(resource)}x-seat.sock"
+        assert (serving.kubelet_dir / endpoint.socket).exists()
+        assert endpoint.options.get_preferred_allocation_available
+        assert len(serving.kubelet.healthy(resource)) == expected_seats(resource)
+    assert serving.kubelet.register_errors == []
+
+
+@pytest.mark.e2e
+def test_allocate_returns_the_seat_envs_annotations_and_minor_numbered_device_specs(
+    serving: support.Node,
+) -> None:
+    resource = "kyb.ai/gpu-2x-seat"
+    needs_seats(resource)
+    pod = serving.kubelet.admit("job", [ContainerSpec("main", {resource: 1})])
+    [allocation] = pod.allocations["main"]
+    envs = dict(allocation.response.envs)
+    group = next(
+        g for g in support.topology_of().gpus if str(g.index) == envs["CUDA_VISIBLE_DEVICES"][0]
+    )
+    assert envs["KYB_GPU_SEAT"] == allocation.device_ids[0]
+    assert envs["KYB_GPU_SEAT"].startswith(envs["KYB_GPU_GROUP"] + "-s")
+    assert envs["KYB_SEAT_GEN"] == "1"
+    assert envs["KYB_RESOURCE"] == resource
+    indices = [int(i) for i in envs["CUDA_VISIBLE_DEVICES"].split(",")]
+    gpus = [TOPOLOGY.gpu(i) for i in indices]
+    assert len(gpus) == 2 and group in gpus
+    assert envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(g.uuid for g in gpus)
+    assert envs["KYB_GPU_UUIDS"] == envs["NVIDIA_VISIBLE_DEVICES"]
+    annotations = dict(allocation.response.annotations)
+    assert annotations["kyb.ai/gpu-group"] == envs["KYB_GPU_GROUP"]
+    assert annotations["kyb.ai/gpu-seat"] == envs["KYB_GPU_SEAT"]
+    assert annotations["kyb.ai/seat-gen"] == "1"
+    specs = [(d.host_path, d.container_path, d.permissions) for d in allocation.response.devices]
+    assert specs[: len(gpus)] == [(f"/dev/nvidia{g.minor}",) * 2 + ("rw",) for g in gpus]
+    assert ("/dev/nvidiactl", "/dev/nvidiactl", "rw") in specs
+
+
+@pytest.mark.e2e
+def test_unknown_or_duplicate_ids_are_invalid_argument_and_the_server_stays_up(
+    serving: support.Node,
+) -> None:
+    resource = "kyb.ai/gpu-1x-seat"
+    needs_seats(resource)
+    plugin = stub(serving, resource)
+    for ids in (["nope-s9"], ["G0-s0", "G0-s0"]):
+        with pytest.raises(grpc.RpcError) as err:
+            plugin.Allocate(
+                api_pb2.AllocateRequest(
+                    container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids)]
+                ),
+                timeout=5,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ids[0] in err.value.details()
+    options = plugin.GetDevicePluginOptions(api_pb2.Empty(), timeout=5)
+    assert options.get_preferred_allocation_available
+    assert serving.process is not None and serving.process.poll() is None
+
+
+@pytest.mark.e2e
+def test_init_container_seat_passes_to_the_app_container_with_the_same_generation(
+    serving: support.Node,
+) -> None:
+    resource = "kyb.ai/gpu-1x-seat"
+    needs_seats(resource)
+    pod = serving.kubelet.admit(
+        "with-init",
+        [ContainerSpec("app", {resource: 1})],
+        init_containers=[ContainerSpec("init", {resource: 1})],
+    )
+    init, app = pod.allocations["init"][0], pod.allocations["app"][0]
+    assert app.device_ids == init.device_ids
+    assert app.response.envs["KYB_SEAT_GEN"] == init.response.envs["KYB_SEAT_GEN"] == "1"
+
+
+@pytest.mark.e2e
+def test_a_reused_seat_after_its_pod_is_deleted_gets_a_higher_generation(
+    serving: support.Node,
+) -> None:
+    resource = "kyb.ai/gpu-1x-seat"
+    needs_seats(resource)
+    first = serving.kubelet.admit("first", [ContainerSpec("main", {resource: 1})])
+    seat = first.allocations["main"][0].device_ids
+    time.sleep(0.8)  # one reconcile pass sees the holder in PodResources
+    serving.kubelet.delete("first")
+    plugin = stub(serving, resource)
+    reply = plugin.Allocate(
+        api_pb2.AllocateRequest(
+            container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=seat)]
+        ),
+        timeout=5,
+    )
+    assert reply.container_responses[0].envs["KYB_SEAT_GEN"] == "2"
+
+
+@pytest.mark.e2e
+def test_holding_a_1x_seat_fences_the_2x_group_in_list_and_watch(serving: support.Node) -> None:
+    if expected_seats("kyb.ai/gpu-2x-seat") == 0:
+        pytest.skip(f"topology {support.TOPOLOGY} has no 2x group")
+    before = len(serving.kubelet.healthy("kyb.ai/gpu-2x-seat"))
+    pod = serving.kubelet.admit("solo", [ContainerSpec("main", {"kyb.ai/gpu-1x-seat": 1})])
+    assert pod.allocations["main"][0].response.envs["KYB_SEAT_GEN"] == "1"
+    assert support.wait_until(
+        lambda: len(serving.kubelet.healthy("kyb.ai/gpu-2x-seat")) == before - 3, 2.0
+    )
+    with pytest.raises(AdmissionError):
+        serving.kubelet.admit(
+            "pair", [ContainerSpec("main", {"kyb.ai/gpu-2x-seat": before // 3 * 3})]
+        )
+
+
+@pytest.mark.e2e
+def test_kubelet_restart_reregisters_every_profile_within_a_second(
+    serving: support.Node,
+) -> None:
+    before = {r: serving.kubelet.endpoints[r].registrations for r in RESOURCES}
+    started = time.monotonic()
+    serving.kubelet.restart()
+    assert serving.wait_registered(RESOURCES, timeout=3.0, after=before), serving.log()
+    assert time.monotonic() - started < 1.0, serving.log()
+    for resource in RESOURCES:
+        assert len(serving.kubelet.healthy(resource)) == expected_seats(resource)
+
+
+@pytest.mark.e2e
+def test_kubelet_absent_at_start_is_waited_for_and_logged_once(node: support.Node) -> None:
+    node.kubelet.stop()
+    node.start_plugin()
+    time.sleep(1.5)
+    assert node.process is not None and node.process.poll() is None
+    node.kubelet.start()
+    assert node.wait_registered(RESOURCES, timeout=8.0), node.log()
+    failures = [
+        line for line in node.log().splitlines() if "registration with the kubelet failed" in line
+    ]
+    assert len(failures) <= len(RESOURCES), failures
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_serving_removes_its_sockets_and_exits_zero(serving: support.Node) -> None:
+    sockets = [serving.kubelet_dir / serving.kubelet.endpoints[r].socket for r in RESOURCES]
+    assert all(s.exists() for s in sockets)
+    assert serving.stop_plugin(signal.SIGTERM) == 0
+    assert not any(s.exists() for s in sockets)
+    assert (serving.kubelet_dir / "kubelet.sock").exists()
+    assert serving.kubelet.wait_for(
+        lambda: all(not serving.kubelet.endpoints[r].connected for r in RESOURCES), 3.0
+    )
+    assert (serving.state_dir / "state.json").exists()
+
+
+@pytest.mark.e2e
+def test_a_restarted_plugin_keeps_every_binding_and_generation(serving: support.Node) -> None:
+    resource = "kyb.ai/gpu-1x-seat"
+    needs_seats(resource)
+    pod = serving.kubelet.admit("keeper", [ContainerSpec("main", {resource: 1})])
+    seat = pod.allocations["main"][0].device_ids
+    assert serving.stop_plugin(signal.SIGKILL) == -signal.SIGKILL
+    before = {r: serving.kubelet.endpoints[r].registrations for r in RESOURCES}
+    serving.start_plugin()
+    assert serving.wait_registered(RESOURCES, after=before), serving.log()
+    reply = stub(serving, resource).Allocate(
+        api_pb2.AllocateRequest(
+            container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=seat)]
+        ),
+        timeout=5,
+    )
+    assert reply.container_responses[0].envs["KYB_SEAT_GEN"] == "1"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cmd.kyb_device_plugin", *args],
+        cwd=support.REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback() -> None:
+    root = support.short_tmpdir()
+    config = root / "bad.yaml"
+    config.write_text("profiles:\n  - resource: kyb.ai/gpu-3x-seat\n    seatsPerGroup: 0\n")
+    done = run_cli("plan", "--config", str(config), "--nvml-mock", "dgx-a100")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, done.stderr
+    assert any("profiles[0].seatsPerGroup" in line for line in lines)
+    assert any("profiles[0].resource" in line for line in lines)
+    assert all(str(config) in line for line in lines)
+    assert "Traceback" not in done.stderr
+
+
+def test_tab_indentation_gets_its_own_message() -> None:
+    config = support.short_tmpdir() / "tabs.yaml"
+    config.write_text("profiles:\n\t- resource: kyb.ai/gpu-1x-seat\n")
+    done = run_cli("plan", "--config", str(config), "--nvml-mock", "dgx-a100")
+    assert done.returncode == 2
+    assert "tab" in done.stderr.lower()
+    assert "Traceback" not in done.stderr
+
+
+def test_no_gpu_and_no_mock_is_one_line_and_exit_1() -> None:
+    env = {"LD_LIBRARY_PATH": "", "KYB_NVML_MOCK": ""}
+    done = run_cli("plan", env=env)
+    if done.returncode == 0:
+        pytest.skip("this machine has a real NVIDIA GPU")
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--nvml-mock" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_mock_name_lists_the_built_in_fixtures() -> None:
+    done = run_cli("plan", "--nvml-mock", "no-such-box")
+    assert done.returncode == 1
+    assert "dgx-a100" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_flag_is_usage_error_exit_2() -> None:
+    done = run_cli("plan", "--no-such-flag")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+
+
+def test_the_cmd_package_keeps_the_standard_cmd_module_and_pdb_working() -> None:
+    probe = (
+        "import runpy, sys\n"
+        "import cmd.kyb_device_plugin\n"
+        "import cmd, pdb\n"
+        "class Shell(cmd.Cmd):\n"
+        "    def do_hi(self, arg):\n"
+        "        print('hi', arg)\n"
+        "Shell().onecmd('hi there')\n"
+        "assert issubclass(pdb.Pdb, cmd.Cmd)\n"
+        "pdb.Pdb()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=support.REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["hi", "there", "ok"]
+    help_run = run_cli("--help")
+    assert help_run.returncode == 0
+    assert "serve" in help_run.stdout
+
+
+def test_demo_registers_every_profile_admits_pods_and_exits_zero() -> None:
+    done = run_cli("demo")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for resource in RESOURCES:
+        assert f"registered {resource}" in done.stdout
+    assert "pod trainer/warmup" in done.stdout and "pod trainer/main" in done.stdout
+    assert "seat map:" in done.stdout
