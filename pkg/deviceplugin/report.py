@@ -73,7 +73,7 @@ def print_seat_map(doc: Mapping[str, Any], out: TextIO, *, with_links: bool = Fa
         out.write(f"{resource}: {len(groups)} group(s), {seats_total} seat(s)\n")
         if not groups:
             out.write("  (no group of this size on this node)\n")
-        for name, group in sorted(groups.items()):
+        for name, group in sorted(groups.items(), key=lambda kv: (kv[1].get("gpus") or [], kv[0])):
             flags = [group.get("health", "?")]
             if group.get("fenced"):
                 flags.append("fenced")
