@@ -114,12 +114,8 @@ def assert_valid(result: Grouping, gpus: Sequence[int], size: int) -> None:
 def topologies(draw: st.DrawFn) -> tuple[Topology, list[int]]:
     """A random symmetric topology of up to 8 GPUs (indices need not be 0..n-1)."""
     indices = sorted(draw(st.sets(st.integers(0, 15), min_size=1, max_size=8)))
-    words = {
-        pair: draw(st.sampled_from(LINK_WORDS)) for pair in itertools.combinations(indices, 2)
-    }
-    rows = [
-        ["X" if a == b else words[(min(a, b), max(a, b))] for b in indices] for a in indices
-    ]
+    words = {pair: draw(st.sampled_from(LINK_WORDS)) for pair in itertools.combinations(indices, 2)}
+    rows = [["X" if a == b else words[(min(a, b), max(a, b))] for b in indices] for a in indices]
     return Topology.from_matrix(make_gpus(indices), rows), indices
 
 
