@@ -1,0 +1,372 @@
+"""A ``Backend`` over NVML through a ``pynvml`` module handed in by the composition root.
+
+Drivers differ in what they answer: old ones lack whole functions, GPUs without NVLink
+answer NotSupported, containers may hide sysfs. Every such query degrades to the next
+best source (logged at debug level); only errors that leave discovery meaningless
+(no NVML, no device count, no UUID) become :class:`NvmlError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from pkg.deviceplugin.nvml.backend import NvmlError, Probe, XidEvent
+from pkg.deviceplugin.nvml.topofile import normalize_pci_bus_id
+from pkg.deviceplugin.types import Gpu, Link, LinkKind, Topology
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_MIB = 1 << 20
+# pynvml's NVML_NVLINK_MAX_LINKS has grown with each GPU generation (6, 12, 18, 36);
+# walk what the installed module says, or the newest count known here.
+_DEFAULT_MAX_LINKS = 36
+# A wait returns the first event; more that are already queued are collected with
+# zero-timeout waits, up to this many, so one call reports a burst.
+_MAX_EVENTS_PER_WAIT = 64
+
+# nvmlGpuTopologyLevel_t values (stable since NVML 4): INTERNAL, SINGLE, MULTIPLE,
+# HOSTBRIDGE, NODE (formerly CPU), SYSTEM.
+_ANCESTOR_LINKS = {
+    0: LinkKind.PIX,
+    10: LinkKind.PIX,
+    20: LinkKind.PXB,
+    30: LinkKind.PHB,
+    40: LinkKind.NODE,
+    50: LinkKind.SYS,
+}
+_XID_CRITICAL_ERROR = 0x8  # nvmlEventTypeXidCriticalError
+_REMOTE_GPU, _REMOTE_SWITCH = 0x00, 0x02  # nvmlNvLinkDeviceType_t
+
+
+class _Unsupported(Exception):
+    """The driver cannot answer this query on this GPU; try the next source."""
+
+
+@dataclass
+class _Device:
+    gpu: Gpu
+    handle: object
+
+
+class RealBackend:
+    """GPU facts from NVML. ``nvml`` is the ``pynvml`` module (or a fake of it)."""
+
+    def __init__(self, nvml: ModuleType, sysfs_root: Path = Path("/sys")) -> None:
+        self._nvml: Any = nvml
+        self._error: type[Exception] = nvml.NVMLError
+        self._sysfs_root = sysfs_root
+        self._lock = threading.Lock()
+        self._initialized = False
+        self._failing: dict[int, str] = {}
+        self._closed = threading.Event()
+        # Waiting holds the events lock so that close() never frees a set in use.
+        self._events_lock = threading.Lock()
+        self._event_set: object | None = None
+        self._events_supported = True
+        self._unsupported_errors = tuple(
+            cls
+            for cls in (
+                getattr(nvml, "NVMLError_NotSupported", None),
+                getattr(nvml, "NVMLError_FunctionNotFound", None),
+            )
+            if isinstance(cls, type)
+        )
+        self._max_links = int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", _DEFAULT_MAX_LINKS))
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        """Call NVML; any NVML error becomes NvmlError naming what was asked."""
+        try:
+            return fn(*args)
+        except self._error as exc:
+            if isinstance(exc, self._unsupported_errors):
+                raise _Unsupported(f"{what}: {exc}") from exc
+            raise NvmlError(f"NVML {what}: {exc}") from exc
+
+    def _optional(self, what: str, fn: Callable[..., T], *args: object) -> T | None:
+        """Call NVML where the driver may not support the query: None if it does not."""
+        try:
+            return self._call(what, fn, *args)
+        except _Unsupported as exc:
+            log.debug("NVML cannot answer, falling back: %s", exc)
+            return None
+
+    def _required(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return self._call(what, fn, *args)
+        except _Unsupported as exc:
+            raise NvmlError(f"NVML {exc}") from exc
+
+    def _ensure_init(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                raise NvmlError("the NVML backend is closed")
+            if not self._initialized:
+                self._required("init", self._nvml.nvmlInit)
+                self._initialized = True
+
+    # -- discovery ------------------------------------------------------------------
+
+    def discover(self) -> Topology:
+        self._ensure_init()
+        nvml = self._nvml
+        count = self._required("device count", nvml.nvmlDeviceGetCount)
+        devices = self._devices(count)
+        gpu_by_bus = {d.gpu.pci_bus_id: d.gpu.index for d in devices}
+        direct: dict[tuple[int, int], int] = {}
+        to_switch: dict[int, int] = {}
+        for d in devices:
+            for remote_index, is_switch in self._nvlinks(d, gpu_by_bus):
+                if is_switch:
+                    to_switch[d.gpu.index] = to_switch.get(d.gpu.index, 0) + 1
+                elif remote_index is not None and remote_index != d.gpu.index:
+                    pair = (d.gpu.index, remote_index)
+                    direct[pair] = direct.get(pair, 0) + 1
+        links: dict[tuple[int, int], Link] = {}
+        for i, a in enumerate(devices):
+            for b in devices[i + 1 :]:
+                ia, ib = a.gpu.index, b.gpu.index
+                # Each end counts the same cable; take the larger in case one end's
+                # query failed. Through NVSwitches every GPU reaches every other with
+                # the links it has to the switches, as nvidia-smi prints (NV12 on DGX A100).
+                nvlinks = max(direct.get((ia, ib), 0), direct.get((ib, ia), 0))
+                if ia in to_switch and ib in to_switch:
+                    nvlinks += min(to_switch[ia], to_switch[ib])
+                links[ia, ib] = Link(LinkKind.NVLINK, nvlinks) if nvlinks else self._pcie_link(a, b)
+        return Topology(tuple(d.gpu for d in devices), links)
+
+    def _devices(self, count: int) -> list[_Device]:
+        """Every GPU that answers; one that errors (fell off the bus) is left out, as it
+        would be from a fresh enumeration, and the health checks take it from there."""
+        devices: list[_Device] = []
+        failing: dict[int, str] = {}
+        for index in range(count):
+            try:
+                devices.append(self._device(index))
+            except NvmlError as exc:
+                failing[index] = str(exc)
+        with self._lock:
+            changed = failing.keys() != self._failing.keys()
+            self._failing = failing
+        if changed:
+            for index, reason in failing.items():
+                log.warning("leaving GPU %d out of discovery: %s", index, reason)
+        return devices
+
+    def _device(self, index: int) -> _Device:
+        nvml = self._nvml
+        what = f"GPU {index}"
+        handle = self._required(f"{what} handle", nvml.nvmlDeviceGetHandleByIndex, index)
+        pci = self._required(f"{what} PCI info", nvml.nvmlDeviceGetPciInfo, handle)
+        try:
+            bus_id = normalize_pci_bus_id(_text(pci.busId))
+        except ValueError as exc:
+            raise NvmlError(f"NVML {what}: {exc}") from exc
+        memory = self._required(f"{what} memory info", nvml.nvmlDeviceGetMemoryInfo, handle)
+        gpu = Gpu(
+            index=index,
+            uuid=_text(self._required(f"{what} UUID", nvml.nvmlDeviceGetUUID, handle)),
+            name=_text(self._required(f"{what} name", nvml.nvmlDeviceGetName, handle)),
+            memory_mib=int(memory.total) // _MIB,
+            pci_bus_id=bus_id,
+            minor=int(
+                self._required(f"{what} minor number", nvml.nvmlDeviceGetMinorNumber, handle)
+            ),
+            numa_node=self._numa_node(what, handle, bus_id),
+        )
+        return _Device(gpu, handle)
+
+    def _numa_node(self, what: str, handle: object, bus_id: str) -> int | None:
+        node = self._optional(f"{what} NUMA node", self._nvml.nvmlDeviceGetNumaNodeId, handle)
+        if node is None:
+            node = self._sysfs_numa_node(bus_id)
+        return None if node is None or node < 0 else int(node)
+
+    def _sysfs_numa_node(self, bus_id: str) -> int | None:
+        # sysfs spells the domain with at least four lower-case digits (0000:07:00.0).
+        domain, rest = bus_id.split(":", 1)
+        name = f"{int(domain, 16):04x}:{rest.lower()}"
+        path = self._sysfs_root / "bus" / "pci" / "devices" / name / "numa_node"
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError) as exc:
+            log.debug("no NUMA node for %s from %s: %s", bus_id, path, exc)
+            return None
+
+    def _nvlinks(
+        self, device: _Device, gpu_by_bus: dict[str, int]
+    ) -> list[tuple[int | None, bool]]:
+        """Each active NVLink of ``device``: (remote GPU index or None, remote is a switch)."""
+        nvml = self._nvml
+        what = f"GPU {device.gpu.index} NVLink"
+        found: list[tuple[int | None, bool]] = []
+        for link in range(self._max_links):
+            try:
+                active = self._call(
+                    f"{what} {link} state", nvml.nvmlDeviceGetNvLinkState, device.handle, link
+                )
+            except (_Unsupported, NvmlError) as exc:
+                # No NVLink at all, or no link with this number on this GPU
+                # (older drivers answer InvalidArgument past the last link).
+                log.debug("%s", exc)
+                continue
+            if not active:
+                continue
+            pci = self._optional(
+                f"{what} {link} remote PCI info",
+                nvml.nvmlDeviceGetNvLinkRemotePciInfo,
+                device.handle,
+                link,
+            )
+            if pci is None:
+                continue
+            remote_bus = normalize_pci_bus_id(_text(pci.busId))
+            remote_index = gpu_by_bus.get(remote_bus)
+            type_query = getattr(nvml, "nvmlDeviceGetNvLinkRemoteDeviceType", None)
+            remote_type = (
+                self._optional(f"{what} {link} remote type", type_query, device.handle, link)
+                if type_query is not None
+                else None
+            )
+            if remote_type is None:
+                # Old drivers cannot say; the far end of a GPU link is a GPU we enumerated.
+                found.append((remote_index, remote_index is None))
+            elif remote_type == _REMOTE_GPU:
+                found.append((remote_index, False))
+            elif remote_type == _REMOTE_SWITCH:
+                found.append((None, True))
+        return found
+
+    def _pcie_link(self, a: _Device, b: _Device) -> Link:
+        level = self._optional(
+            f"GPUs {a.gpu.index} and {b.gpu.index} common ancestor",
+            self._nvml.nvmlDeviceGetTopologyCommonAncestor,
+            a.handle,
+            b.handle,
+        )
+        if level is not None:
+            return Link(_ANCESTOR_LINKS.get(int(level), LinkKind.SYS))
+        # Without the PCIe answer, the NUMA nodes still tell same socket from across.
+        same_node = a.gpu.numa_node is not None and a.gpu.numa_node == b.gpu.numa_node
+        return Link(LinkKind.NODE if same_node else LinkKind.SYS)
+
+    # -- health -----------------------------------------------------------------------
+
+    def probe(self, uuid: str) -> Probe:
+        nvml = self._nvml
+        try:
+            self._ensure_init()
+            handle = self._call("lookup", nvml.nvmlDeviceGetHandleByUUID, uuid)
+            self._optional("memory info", nvml.nvmlDeviceGetMemoryInfo, handle)
+        except (NvmlError, _Unsupported) as exc:
+            if self._closed.is_set():
+                raise
+            return Probe(uuid, ok=False, reason=str(exc).removeprefix("NVML "))
+        return Probe(uuid, ok=True)
+
+    def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
+        with self._events_lock:
+            event_set = self._ensure_event_set()
+            if event_set is None:
+                # Nothing can ever arrive; block anyway so callers' loops do not spin.
+                self._closed.wait(timeout_s)
+                return []
+            events: list[XidEvent] = []
+            timeout_ms = max(int(timeout_s * 1000), 0)
+            while len(events) < _MAX_EVENTS_PER_WAIT:
+                data = self._wait_one(event_set, timeout_ms)
+                if data is None:
+                    break
+                if int(data.eventType) & _XID_CRITICAL_ERROR:
+                    events.append(XidEvent(self._event_uuid(data.device), int(data.eventData)))
+                timeout_ms = 0
+            return events
+
+    def _wait_one(self, event_set: object, timeout_ms: int) -> Any | None:
+        nvml = self._nvml
+        try:
+            return nvml.nvmlEventSetWait_v2(event_set, timeout_ms)
+        except self._error as exc:
+            if isinstance(exc, getattr(nvml, "NVMLError_Timeout", ())):
+                return None
+            raise NvmlError(f"NVML event wait: {exc}") from exc
+
+    def _event_uuid(self, handle: object) -> str:
+        try:
+            return _text(self._nvml.nvmlDeviceGetUUID(handle))
+        except self._error as exc:
+            # The event still matters; the health monitor maps unknown UUIDs itself.
+            log.debug("no UUID for an XID event's device: %s", exc)
+            return ""
+
+    def _ensure_event_set(self) -> object | None:
+        if self._event_set is not None or not self._events_supported:
+            return self._event_set
+        self._ensure_init()
+        nvml = self._nvml
+        event_set: object | None = self._optional("event set", nvml.nvmlEventSetCreate)
+        registered = 0
+        if event_set is not None:
+            count = self._required("device count", nvml.nvmlDeviceGetCount)
+            for index in range(count):
+                handle = self._required(
+                    f"GPU {index} handle", nvml.nvmlDeviceGetHandleByIndex, index
+                )
+                try:
+                    self._call(
+                        f"GPU {index} XID event registration",
+                        nvml.nvmlDeviceRegisterEvents,
+                        handle,
+                        _XID_CRITICAL_ERROR,
+                        event_set,
+                    )
+                except _Unsupported as exc:
+                    log.debug("%s", exc)
+                    continue
+                registered += 1
+        if event_set is None or not registered:
+            log.info("NVML reports no XID events on this node: health relies on probes")
+            self._events_supported = False
+            if event_set is not None:
+                self._free(event_set)
+            return None
+        self._event_set = event_set
+        return self._event_set
+
+    def _free(self, event_set: object) -> None:
+        try:
+            self._nvml.nvmlEventSetFree(event_set)
+        except self._error as exc:
+            log.debug("NVML event set free: %s", exc)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._events_lock:
+            if self._event_set is not None:
+                self._free(self._event_set)
+                self._event_set = None
+        with self._lock:
+            if self._initialized:
+                self._initialized = False
+                try:
+                    self._nvml.nvmlShutdown()
+                except self._error as exc:
+                    log.debug("NVML shutdown: %s", exc)
+
+
+def _text(value: object) -> str:
+    """pynvml returns bytes from structs (and from every call in old releases)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)

@@ -1,0 +1,191 @@
+"""RealBackend over a fake pynvml: the same topology as the file, whatever the driver lacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pynvml
+import pytest
+
+from pkg.deviceplugin.nvml import fixtures
+from pkg.deviceplugin.nvml.backend import Backend, NvmlError, XidEvent
+from pkg.deviceplugin.nvml.real import RealBackend
+from pkg.deviceplugin.types import LinkKind, Topology
+
+MakeFake = Callable[..., Any]
+
+
+def backend(fake: Any, sysfs: Path) -> RealBackend:
+    return RealBackend(fake.module(), sysfs_root=sysfs)
+
+
+@pytest.fixture
+def sysfs(tmp_path: Path) -> Path:
+    """An empty sysfs root, so no test reads the host's PCI devices."""
+    return tmp_path / "sys"
+
+
+def test_real_backend_satisfies_the_backend_protocol(make_fake: MakeFake, sysfs: Path) -> None:
+    real: Backend = backend(make_fake("single-gpu"), sysfs)
+    real.close()
+
+
+@pytest.mark.parametrize("name", fixtures.FIXTURES)
+def test_discovery_reproduces_every_fixture(make_fake: MakeFake, sysfs: Path, name: str) -> None:
+    fake = make_fake(name)
+    assert backend(fake, sysfs).discover() == fake.topo
+
+
+@pytest.mark.parametrize("name", ["dgx-a100", "dgx1-v100", "nvlink-pairs-4", "nvswitch-16"])
+def test_without_remote_device_type_a_non_gpu_far_end_counts_as_a_switch(
+    make_fake: MakeFake, sysfs: Path, name: str
+) -> None:
+    fake = make_fake(name, missing={"nvmlDeviceGetNvLinkRemoteDeviceType"})
+    assert backend(fake, sysfs).discover() == fake.topo
+
+
+def test_an_old_pynvml_without_the_remote_type_function_still_discovers(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("dgx-h100")
+    module = fake.module()
+    del module.nvmlDeviceGetNvLinkRemoteDeviceType
+    assert RealBackend(module, sysfs_root=sysfs).discover() == fake.topo
+
+
+def test_gpus_without_nvlink_fall_back_to_the_pcie_common_ancestor(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("pcie-switch-pairs-8")
+    topo = backend(fake, sysfs).discover()
+    assert topo == fake.topo
+    assert "nvmlDeviceGetNvLinkRemotePciInfo" not in fake.calls
+
+
+def test_without_the_common_ancestor_numa_nodes_tell_node_from_sys(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("pcie-2numa-4", unsupported={"nvmlDeviceGetTopologyCommonAncestor"})
+    topo = backend(fake, sysfs).discover()
+    assert [topo.link(0, b).kind for b in (1, 2, 3)] == [LinkKind.NODE, LinkKind.SYS, LinkKind.SYS]
+
+
+def test_numa_node_comes_from_sysfs_where_nvml_has_none(
+    make_fake: MakeFake, tmp_path: Path
+) -> None:
+    fake = make_fake("pcie-2numa-4", missing={"nvmlDeviceGetNumaNodeId"})
+    devices = tmp_path / "bus" / "pci" / "devices"
+    for bus, node in [("0000:3b:00.0", "0"), ("0000:3e:00.0", "-1"), ("0000:b1:00.0", "1\n")]:
+        (devices / bus).mkdir(parents=True)
+        (devices / bus / "numa_node").write_text(node)
+    topo = RealBackend(fake.module(), sysfs_root=tmp_path).discover()
+    # 0000:ca:00.0 has no sysfs entry: unknown, not an error.
+    assert [g.numa_node for g in topo.gpus] == [0, None, 1, None]
+
+
+def test_an_nvml_numa_node_of_minus_one_means_unknown(make_fake: MakeFake, sysfs: Path) -> None:
+    fake = make_fake("single-gpu")
+    gpu = fake.topo.gpus[0]
+    fake.topo = Topology((dataclasses.replace(gpu, numa_node=None),))
+    assert backend(fake, sysfs).discover().gpus[0].numa_node is None
+
+
+def test_old_pynvml_bytes_become_text(make_fake: MakeFake, sysfs: Path) -> None:
+    fake = make_fake("dgx1-v100", as_bytes=True)
+    assert backend(fake, sysfs).discover() == fake.topo
+
+
+def test_a_lost_gpu_is_left_out_of_discovery_and_fails_its_probe(
+    make_fake: MakeFake, sysfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = make_fake("flaky-4", lost={2})
+    real = backend(fake, sysfs)
+    topo = real.discover()
+    assert topo.indices == (0, 1, 3)
+    assert "leaving GPU 2 out of discovery: NVML GPU 2 handle: GPU is lost" in caplog.text
+    caplog.clear()
+    real.discover()
+    assert "leaving GPU" not in caplog.text  # logged when it changes, not every refresh
+    probe = real.probe(fake.topo.gpu(2).uuid)
+    assert (probe.ok, probe.reason) == (False, "lookup: GPU is lost")
+    assert real.probe(fake.topo.gpu(1).uuid).ok
+
+
+def test_probing_an_unknown_uuid_reports_not_found(make_fake: MakeFake, sysfs: Path) -> None:
+    probe = backend(make_fake("single-gpu"), sysfs).probe("GPU-nope")
+    assert (probe.ok, probe.reason) == (False, "lookup: Not Found")
+
+
+def test_nvml_that_cannot_start_is_one_readable_error_and_probes_fail_softly(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("single-gpu", init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    real = backend(fake, sysfs)
+    with pytest.raises(NvmlError, match=r"^NVML init: Driver Not Loaded$"):
+        real.discover()
+    assert real.probe("GPU-x").reason == "init: Driver Not Loaded"
+
+
+def test_any_nvml_error_becomes_an_nvml_error_naming_the_query(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("single-gpu", unsupported={"nvmlDeviceGetCount"})
+    with pytest.raises(NvmlError, match=r"^NVML device count: Not Supported$"):
+        backend(fake, sysfs).discover()
+
+
+def test_nvml_is_initialized_once_and_shut_down_once(make_fake: MakeFake, sysfs: Path) -> None:
+    fake = make_fake("dgx-a100")
+    real = backend(fake, sysfs)
+    threads = [threading.Thread(target=real.discover) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    real.close()
+    real.close()
+    assert (fake.inits, fake.shutdowns) == (1, 1)
+    with pytest.raises(NvmlError, match="closed"):
+        real.discover()
+
+
+def test_xid_events_are_reported_with_the_gpus_uuid(make_fake: MakeFake, sysfs: Path) -> None:
+    fake = make_fake("flaky-4")
+    real = backend(fake, sysfs)
+    assert real.wait_xid_events(0.01) == []
+    assert fake.registered == [0, 1, 2, 3]
+    fake.push_xid(1, 79)
+    fake.push_xid(3, 48)
+    fake.push_xid(2, 0, event_type=pynvml.nvmlEventTypeSingleBitEccError)
+    uuids = [g.uuid for g in fake.topo.gpus]
+    # One wait drains the burst that is already queued.
+    assert real.wait_xid_events(1.0) == [XidEvent(uuids[1], 79), XidEvent(uuids[3], 48)]
+    assert fake.calls.count("nvmlEventSetCreate") == 1
+    real.close()
+    assert fake.freed == 1
+
+
+def test_without_event_support_waits_time_out_without_asking_nvml_again(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("dgx-a100", unsupported={"nvmlDeviceRegisterEvents"})
+    real = backend(fake, sysfs)
+    assert real.wait_xid_events(0.01) == []
+    assert real.wait_xid_events(0.01) == []
+    assert fake.calls.count("nvmlEventSetCreate") == 1
+    assert fake.freed == 1
+    assert "nvmlEventSetWait_v2" not in fake.calls
+
+
+def test_close_wakes_a_waiter_on_a_node_without_events(make_fake: MakeFake, sysfs: Path) -> None:
+    real = backend(make_fake("single-gpu", unsupported={"nvmlEventSetCreate"}), sysfs)
+    real.wait_xid_events(0)
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (real.wait_xid_events(30), done.set()))
+    waiter.start()
+    real.close()
+    assert done.wait(5)
