@@ -23,17 +23,17 @@ from typing import Any, TextIO
 # the plugin logs what matters itself. Must be set before grpc is first imported.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from pkg.deviceplugin import logs, report  # noqa: E402
-from pkg.deviceplugin.allocator.layout import LayoutError  # noqa: E402
-from pkg.deviceplugin.config import flags as config_flags  # noqa: E402
-from pkg.deviceplugin.config import loader as config_loader  # noqa: E402
-from pkg.deviceplugin.config.model import Config  # noqa: E402
-from pkg.deviceplugin.nvml.backend import Backend, NvmlError  # noqa: E402
+from pkg.deviceplugin import logs, report
+from pkg.deviceplugin.allocator.layout import LayoutError
+from pkg.deviceplugin.config import flags as config_flags
+from pkg.deviceplugin.config import loader as config_loader
+from pkg.deviceplugin.config.model import Config
+from pkg.deviceplugin.nvml.backend import Backend, NvmlError
 
 log = logging.getLogger("kyb-device-plugin")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = ("serve", "plan", "status", "demo", "codegen")
+SUBCOMMANDS = ("serve", "plan", "status", "demo", "healthz", "codegen")
 
 
 class UsageError(Exception):
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plan": "print the topology, groups and seats the config yields, without serving",
         "status": "print the live seat map of a running plugin (from its state file)",
         "demo": "run against a mock GPU node and a built-in kubelet simulator",
+        "healthz": "liveness check: every profile's socket answers gRPC (exit 1 otherwise)",
     }
     for name, text in helps.items():
         sub = commands.add_parser(name, help=text, description=text)
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "plan": _plan,
             "status": _status,
             "demo": _demo,
+            "healthz": _healthz,
         }[args.command]
         return command(args, config)
     except UsageError as exc:
@@ -225,6 +227,15 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
     from pkg.deviceplugin import demo
 
     return demo.run(config, _mock_choice(args) or demo.DEFAULT_TOPOLOGY, sys.stdout)
+
+
+def _healthz(args: argparse.Namespace, config: Config) -> int:
+    from pkg.deviceplugin.server import liveness
+
+    problems = liveness.check(config.kubelet_dir, config.resources)
+    for problem in problems:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+    return EXIT_FAILURE if problems else EXIT_OK
 
 
 def _codegen(rest: Sequence[str]) -> int:

@@ -299,3 +299,18 @@ def test_demo_registers_every_profile_admits_pods_and_exits_zero() -> None:
         assert f"registered {resource}" in done.stdout
     assert "pod trainer/warmup" in done.stdout and "pod trainer/main" in done.stdout
     assert "seat map:" in done.stdout
+
+
+@pytest.mark.e2e
+def test_healthz_passes_while_serving_and_fails_once_stopped(serving: support.Node) -> None:
+    args = ["--kubelet-dir", str(serving.kubelet_dir)]
+    alive = run_cli("healthz", *args)
+    assert alive.returncode == 0, alive.stderr
+    assert serving.process is not None
+    serving.process.send_signal(signal.SIGSTOP)  # alive but wedged: answers nothing
+    try:
+        wedged = run_cli("healthz", *args)
+    finally:
+        serving.process.send_signal(signal.SIGCONT)
+    assert wedged.returncode == 1
+    assert "does not answer" in wedged.stderr
