@@ -1,0 +1,331 @@
+/*
+ * A stand-in for libnvidia-ml.so.1 that pynvml loads like the real one, serving the
+ * GPUs of a flat text file that mocklib/__init__.py writes from a mock topology file.
+ * It implements exactly the entry points RealBackend reaches through pynvml, so the
+ * ctypes structures and calling conventions are exercised without a GPU.
+ *
+ * The file is named by $KYB_NVML_MOCK_TOPOLOGY and read at nvmlInit; times in it are
+ * milliseconds after that nvmlInit. One line per fact:
+ *   gpu <minor> <numa|-1> <memoryMiB> <busId> <uuid> <lostAtMs|-1> <backAtMs|-1> <name...>
+ *   level <a> <b> <nvmlGpuTopologyLevel_t>
+ *   port <gpu> <remoteType> <remoteBusId>          (one active NVLink)
+ *   xid <gpu> <atMs> <xid>
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef int nvmlReturn_t;
+enum {
+    NVML_SUCCESS = 0,
+    NVML_ERROR_UNINITIALIZED = 1,
+    NVML_ERROR_INVALID_ARGUMENT = 2,
+    NVML_ERROR_NOT_SUPPORTED = 3,
+    NVML_ERROR_NOT_FOUND = 6,
+    NVML_ERROR_INSUFFICIENT_SIZE = 7,
+    NVML_ERROR_TIMEOUT = 10,
+    NVML_ERROR_GPU_IS_LOST = 15,
+    NVML_ERROR_UNKNOWN = 999,
+};
+
+#define MAX_GPUS 64
+#define MAX_PORTS 64
+#define MAX_XIDS 256
+#define TEXT 96
+#define XID_CRITICAL_ERROR 0x8ULL
+
+typedef struct {
+    unsigned minor;
+    int numa;
+    unsigned long long memory_mib;
+    char bus_id[32];
+    char uuid[TEXT];
+    char name[TEXT];
+    long long lost_at, back_at;
+    int nports;
+    unsigned port_type[MAX_PORTS];
+    char port_bus[MAX_PORTS][32];
+} gpu_t;
+
+typedef struct { int gpu; long long at; unsigned long long xid; int delivered; } xid_t;
+
+/* The layouts pynvml declares with ctypes (nvml.h). */
+typedef struct {
+    char busIdLegacy[16];
+    unsigned domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+typedef gpu_t *nvmlDevice_t;
+typedef struct { unsigned long long registered[MAX_GPUS]; } event_set_t;
+typedef event_set_t *nvmlEventSet_t;
+typedef struct {
+    nvmlDevice_t device;
+    unsigned long long eventType, eventData;
+    unsigned gpuInstanceId, computeInstanceId;
+} nvmlEventData_t;
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int refcount;
+static struct timespec started;
+static gpu_t gpus[MAX_GPUS];
+static int ngpus;
+static unsigned levels[MAX_GPUS][MAX_GPUS];
+static xid_t xids[MAX_XIDS];
+static int nxids;
+
+static long long elapsed_ms(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - started.tv_sec) * 1000LL + (now.tv_nsec - started.tv_nsec) / 1000000;
+}
+
+static int is_lost(const gpu_t *g) {
+    long long t = elapsed_ms();
+    return g->lost_at >= 0 && t >= g->lost_at && (g->back_at < 0 || t < g->back_at);
+}
+
+static int load(const char *path) {
+    FILE *f = fopen(path, "r");
+    char line[512];
+    if (!f) return 0;
+    ngpus = nxids = 0;
+    memset(gpus, 0, sizeof gpus);
+    memset(xids, 0, sizeof xids);
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = 0;
+        int a, b, n = 0;
+        unsigned u;
+        long long at;
+        unsigned long long x;
+        char bus[32];
+        if (strncmp(line, "gpu ", 4) == 0 && ngpus < MAX_GPUS) {
+            gpu_t *g = &gpus[ngpus];
+            if (sscanf(line, "gpu %u %d %llu %31s %95s %lld %lld %n", &g->minor, &g->numa,
+                       &g->memory_mib, g->bus_id, g->uuid, &g->lost_at, &g->back_at, &n) >= 7) {
+                snprintf(g->name, TEXT, "%s", line + n);
+                ngpus++;
+            }
+        } else if (sscanf(line, "level %d %d %u", &a, &b, &u) == 3 && a < MAX_GPUS && b < MAX_GPUS) {
+            levels[a][b] = levels[b][a] = u;
+        } else if (sscanf(line, "port %d %u %31s", &a, &u, bus) == 3 && a < ngpus &&
+                   gpus[a].nports < MAX_PORTS) {
+            gpu_t *g = &gpus[a];
+            g->port_type[g->nports] = u;
+            snprintf(g->port_bus[g->nports++], 32, "%s", bus);
+        } else if (sscanf(line, "xid %d %lld %llu", &a, &at, &x) == 3 && nxids < MAX_XIDS) {
+            xids[nxids++] = (xid_t){a, at, x, 0};
+        }
+    }
+    fclose(f);
+    return 1;
+}
+
+/* Every device call starts here: initialized, a device of ours, and on the bus. */
+#define CHECK_DEVICE(dev)                                                              \
+    do {                                                                               \
+        if (!refcount) return NVML_ERROR_UNINITIALIZED;                                \
+        if ((dev) < gpus || (dev) >= gpus + ngpus) return NVML_ERROR_INVALID_ARGUMENT; \
+        if (is_lost(dev)) return NVML_ERROR_GPU_IS_LOST;                               \
+    } while (0)
+
+static nvmlReturn_t copy_text(char *dst, unsigned size, const char *src) {
+    if (strlen(src) + 1 > size) return NVML_ERROR_INSUFFICIENT_SIZE;
+    memcpy(dst, src, strlen(src) + 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlInitWithFlags(unsigned flags) {
+    (void)flags;
+    nvmlReturn_t ret = NVML_SUCCESS;
+    pthread_mutex_lock(&lock);
+    if (refcount == 0) {
+        const char *path = getenv("KYB_NVML_MOCK_TOPOLOGY");
+        if (!path || !load(path)) ret = NVML_ERROR_UNKNOWN;
+        else clock_gettime(CLOCK_MONOTONIC, &started);
+    }
+    if (ret == NVML_SUCCESS) refcount++;
+    pthread_mutex_unlock(&lock);
+    return ret;
+}
+
+nvmlReturn_t nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
+
+nvmlReturn_t nvmlShutdown(void) {
+    pthread_mutex_lock(&lock);
+    nvmlReturn_t ret = refcount ? NVML_SUCCESS : NVML_ERROR_UNINITIALIZED;
+    if (refcount) refcount--;
+    pthread_mutex_unlock(&lock);
+    return ret;
+}
+
+const char *nvmlErrorString(nvmlReturn_t result) {
+    switch (result) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
+    case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_NOT_FOUND: return "Not Found";
+    case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case NVML_ERROR_TIMEOUT: return "Timeout";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    default: return "Unknown Error";
+    }
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned length) {
+    return copy_text(version, length, "550.127.08-kyb-mock");
+}
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned *count) {
+    if (!refcount) return NVML_ERROR_UNINITIALIZED;
+    *count = (unsigned)ngpus;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned index, nvmlDevice_t *device) {
+    if (!refcount) return NVML_ERROR_UNINITIALIZED;
+    if (index >= (unsigned)ngpus) return NVML_ERROR_INVALID_ARGUMENT;
+    CHECK_DEVICE(&gpus[index]);
+    *device = &gpus[index];
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device) {
+    if (!refcount) return NVML_ERROR_UNINITIALIZED;
+    for (int i = 0; i < ngpus; i++) {
+        if (strcmp(gpus[i].uuid, uuid) == 0) {
+            CHECK_DEVICE(&gpus[i]);
+            *device = &gpus[i];
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_NOT_FOUND;
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *uuid, unsigned length) {
+    CHECK_DEVICE(d);
+    return copy_text(uuid, length, d->uuid);
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *name, unsigned length) {
+    CHECK_DEVICE(d);
+    return copy_text(name, length, d->name);
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *memory) {
+    CHECK_DEVICE(d);
+    memory->total = d->memory_mib << 20;
+    memory->used = 0;
+    memory->free = memory->total;
+    return NVML_SUCCESS;
+}
+
+static void fill_pci(nvmlPciInfo_t *pci, const char *bus_id) {
+    memset(pci, 0, sizeof *pci);
+    snprintf(pci->busId, sizeof pci->busId, "%s", bus_id);
+    sscanf(bus_id, "%x:%x:%x", &pci->domain, &pci->bus, &pci->device);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "%04X:%02X:%02X.0", pci->domain & 0xFFFF,
+             pci->bus, pci->device);
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *pci) {
+    CHECK_DEVICE(d);
+    fill_pci(pci, d->bus_id);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t d, unsigned *minor) {
+    CHECK_DEVICE(d);
+    *minor = d->minor;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetNumaNodeId(nvmlDevice_t d, unsigned *node) {
+    CHECK_DEVICE(d);
+    if (d->numa < 0) return NVML_ERROR_NOT_SUPPORTED;
+    *node = (unsigned)d->numa;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetTopologyCommonAncestor(nvmlDevice_t a, nvmlDevice_t b, unsigned *level) {
+    CHECK_DEVICE(a);
+    CHECK_DEVICE(b);
+    *level = levels[a - gpus][b - gpus];
+    return NVML_SUCCESS;
+}
+
+static nvmlReturn_t check_link(nvmlDevice_t d, unsigned link) {
+    CHECK_DEVICE(d);
+    if (d->nports == 0) return NVML_ERROR_NOT_SUPPORTED;
+    if (link >= (unsigned)d->nports) return NVML_ERROR_INVALID_ARGUMENT;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t d, unsigned link, unsigned *active) {
+    nvmlReturn_t ret = check_link(d, link);
+    if (ret == NVML_SUCCESS) *active = 1;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetNvLinkRemotePciInfo_v2(nvmlDevice_t d, unsigned link, nvmlPciInfo_t *pci) {
+    nvmlReturn_t ret = check_link(d, link);
+    if (ret == NVML_SUCCESS) fill_pci(pci, d->port_bus[link]);
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetNvLinkRemoteDeviceType(nvmlDevice_t d, unsigned link, unsigned *type) {
+    nvmlReturn_t ret = check_link(d, link);
+    if (ret == NVML_SUCCESS) *type = d->port_type[link];
+    return ret;
+}
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {
+    if (!refcount) return NVML_ERROR_UNINITIALIZED;
+    *set = calloc(1, sizeof(event_set_t));
+    return *set ? NVML_SUCCESS : NVML_ERROR_UNKNOWN;
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, nvmlEventSet_t set) {
+    CHECK_DEVICE(d);
+    if (!set) return NVML_ERROR_INVALID_ARGUMENT;
+    if (types & ~XID_CRITICAL_ERROR) return NVML_ERROR_NOT_SUPPORTED;
+    set->registered[d - gpus] |= types;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned timeout_ms) {
+    if (!refcount) return NVML_ERROR_UNINITIALIZED;
+    if (!set) return NVML_ERROR_INVALID_ARGUMENT;
+    long long deadline = elapsed_ms() + timeout_ms;
+    for (;;) {
+        long long now = elapsed_ms(), next = deadline;
+        pthread_mutex_lock(&lock);
+        for (int i = 0; i < nxids; i++) {
+            xid_t *x = &xids[i];
+            if (x->delivered || !(set->registered[x->gpu] & XID_CRITICAL_ERROR)) continue;
+            if (x->at <= now) {
+                x->delivered = 1;
+                memset(data, 0, sizeof *data);
+                data->device = &gpus[x->gpu];
+                data->eventType = XID_CRITICAL_ERROR;
+                data->eventData = x->xid;
+                pthread_mutex_unlock(&lock);
+                return NVML_SUCCESS;
+            }
+            if (x->at < next) next = x->at;
+        }
+        pthread_mutex_unlock(&lock);
+        if (now >= deadline) return NVML_ERROR_TIMEOUT;
+        long long wait = next - now;
+        struct timespec ts = {wait / 1000, (wait % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set) {
+    free(set);
+    return NVML_SUCCESS;
+}

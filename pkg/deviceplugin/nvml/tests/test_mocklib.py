@@ -1,0 +1,92 @@
+"""RealBackend through the real pynvml over the C mock library agrees with MockBackend."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pynvml
+import pytest
+
+from pkg.deviceplugin.nvml import fixtures, mocklib
+from pkg.deviceplugin.nvml.backend import NvmlError, XidEvent
+from pkg.deviceplugin.nvml.mock import MockBackend
+from pkg.deviceplugin.nvml.real import RealBackend
+from pkg.deviceplugin.nvml.topofile import load_topology_file
+
+Serve = Callable[..., RealBackend]
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) here")
+
+
+@pytest.fixture(scope="module")
+def mock_nvml(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    lib = mocklib.build(tmp_path_factory.mktemp("mocklib"))
+    saved = pynvml.nvmlLib, dict(pynvml._nvmlGetFunctionPointer_cache)
+    mocklib.install(pynvml, lib)
+    yield
+    pynvml.nvmlLib = saved[0]
+    pynvml._nvmlGetFunctionPointer_cache.clear()
+    pynvml._nvmlGetFunctionPointer_cache.update(saved[1])
+
+
+@pytest.fixture
+def serve(
+    mock_nvml: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., RealBackend]]:
+    """serve(name, time_scale) -> a RealBackend over the C mock serving that fixture."""
+    opened: list[RealBackend] = []
+
+    def start(name: str, time_scale: float = 1.0) -> RealBackend:
+        data = mocklib.write_data(
+            load_topology_file(fixtures.fixture_path(name)), tmp_path / f"{name}.txt", time_scale
+        )
+        monkeypatch.setenv(mocklib.ENV_VAR, str(data))
+        backend = RealBackend(pynvml, sysfs_root=tmp_path / "no-sysfs")
+        opened.append(backend)
+        return backend
+
+    yield start
+    for backend in opened:
+        backend.close()
+
+
+@pytest.mark.parametrize("name", fixtures.FIXTURES)
+def test_real_backend_over_the_c_mock_discovers_what_mock_backend_does(serve, name: str) -> None:
+    real = serve(name)
+    assert real.discover() == MockBackend.from_name_or_path(name).discover()
+
+
+def test_probes_through_the_c_mock_pass_for_known_gpus_and_name_the_error_otherwise(
+    serve: Serve,
+) -> None:
+    real = serve("dgx-a100")
+    uuid = real.discover().gpu(3).uuid
+    assert real.probe(uuid).ok
+    probe = real.probe("GPU-00000000-0000-0000-0000-000000000000")
+    assert (probe.ok, probe.reason) == (False, "lookup: Not Found")
+    assert pynvml.nvmlSystemGetDriverVersion().endswith("kyb-mock")
+
+
+def test_scripted_faults_play_out_through_nvml_as_in_the_mock_backend(serve: Serve) -> None:
+    # time_scale 0.2: GPU 2 is lost from 0.2 s to 0.6 s, XID 79 on GPU 1 at 0.3 s.
+    real = serve("flaky-4", time_scale=0.2)
+    before = real.discover()
+    assert before.indices == (0, 1, 2, 3)
+    assert real.wait_xid_events(2.0) == [XidEvent(before.gpu(1).uuid, 79)]
+    during = real.discover()
+    assert during.indices == (0, 1, 3)
+    assert not real.probe(before.gpu(2).uuid).ok
+    assert real.wait_xid_events(0.05) == []
+    time.sleep(0.6)
+    assert real.discover() == before
+
+
+def test_nvml_init_without_a_topology_file_is_one_readable_error(
+    mock_nvml: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(mocklib.ENV_VAR, raising=False)
+    with pytest.raises(NvmlError, match=r"^NVML init: Unknown Error$"):
+        RealBackend(pynvml).discover()
