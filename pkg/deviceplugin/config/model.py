@@ -217,8 +217,8 @@ class Config(_Model):
     """How often held seats are checked against the kubelet's PodResources (e.g. 10s)."""
     release_grace_period: Duration = 60.0
     """How long a seat stays held when its pod never shows up in PodResources (e.g. 60s)."""
-    health_probe_interval: Duration = 5.0
-    """How often each GPU is probed for health (e.g. 5s)."""
+    health_probe_interval: Duration = 1.0
+    """How often each GPU is probed for health (e.g. 1s); a lost GPU shows within one interval."""
     healthy_after_probes: Annotated[StrictInt, Field(ge=1)] = 3
     """Consecutive good probes before a failed GPU counts as healthy again."""
     ignored_xids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = (13, 31, 43, 45, 68, 109)

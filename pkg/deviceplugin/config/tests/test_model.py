@@ -36,7 +36,7 @@ def test_defaults_match_the_spec() -> None:
     assert config.device_list_strategy == "envvar"
     assert config.drain == ()
     assert (config.refresh_interval, config.reconcile_interval) == (30.0, 10.0)
-    assert (config.release_grace_period, config.health_probe_interval) == (60.0, 5.0)
+    assert (config.release_grace_period, config.health_probe_interval) == (60.0, 1.0)
     assert config.healthy_after_probes == 3
     assert config.ignored_xids == (13, 31, 43, 45, 68, 109)
     assert config.xid_recovery == "probes"
