@@ -95,6 +95,7 @@ class MockBackend:
                 self._pending_xids = self._pending_xids[len(due) :]
                 next_at = self._pending_xids[0].at if self._pending_xids else None
             if due:
+                # Fault guarantees an xid number on kind xid; "or 0" only narrows the type.
                 return [XidEvent(self._topology.gpu(f.gpu).uuid, f.xid or 0) for f in due]
             remaining = deadline - self._clock()
             if remaining <= 0 or self._closed.is_set():
