@@ -1,0 +1,859 @@
+package conformance
+
+// The harness: the real kubelet device manager (and the real PodResources v1
+// server in front of it) in a temporary directory, our plugin as a child
+// process, and helpers that play the kubelet's part (admitting pods, asking
+// for run-container options, reading capacity).
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/sets"
+	"k8s.io/klog/v2"
+	"k8s.io/klog/v2/ktesting"
+	podresourcesv1 "k8s.io/kubelet/pkg/apis/podresources/v1"
+	"sigs.k8s.io/yaml"
+
+	"k8s.io/kubernetes/pkg/kubelet/apis/podresources"
+	"k8s.io/kubernetes/pkg/kubelet/cm/containermap"
+	"k8s.io/kubernetes/pkg/kubelet/cm/devicemanager"
+	"k8s.io/kubernetes/pkg/kubelet/lifecycle"
+)
+
+const (
+	res1x = "kyb.ai/gpu-1x-seat"
+	res2x = "kyb.ai/gpu-2x-seat"
+
+	// How long the plugin may take to start (a Python process importing grpc
+	// and pydantic on a slow CI machine) and register every profile.
+	startTimeout = 30 * time.Second
+	// How long a state change may take to reach the manager. SPEC section 2
+	// asks for re-registration "within a second"; this leaves room for a
+	// loaded machine, and the tests log the time it actually took.
+	settleTimeout = 10 * time.Second
+)
+
+// ---------------------------------------------------------------- kubelet
+
+type readySources struct{}
+
+func (readySources) AddSource(string) {}
+func (readySources) AllReady() bool   { return true }
+
+// podStore is the kubelet's pod manager as far as the device manager and the
+// PodResources server see it: the active pods.
+type podStore struct {
+	mu   sync.Mutex
+	pods map[types.UID]*v1.Pod
+}
+
+func newPodStore() *podStore { return &podStore{pods: map[types.UID]*v1.Pod{}} }
+
+func (s *podStore) add(p *v1.Pod) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pods[p.UID] = p
+}
+
+func (s *podStore) remove(p *v1.Pod) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.pods, p.UID)
+}
+
+func (s *podStore) GetActivePods() []*v1.Pod {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*v1.Pod, 0, len(s.pods))
+	for _, p := range s.pods {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (s *podStore) GetPods() []*v1.Pod { return s.GetActivePods() }
+
+func (s *podStore) GetPodByName(namespace, name string) (*v1.Pod, bool) {
+	for _, p := range s.GetActivePods() {
+		if p.Namespace == namespace && p.Name == name {
+			return p, true
+		}
+	}
+	return nil, false
+}
+
+// kubelet is one life of the kubelet: a device manager on DIR/kubelet.sock and
+// a PodResources v1 server on its own socket. restart() ends this life (as a
+// kubelet restart does: the manager stops, its socket goes away) and starts
+// the next one on the same directories, which reads the manager's checkpoint
+// and wipes the plugin sockets.
+type kubelet struct {
+	t          *testing.T
+	logger     klog.Logger
+	ctx        context.Context
+	dir        string // the device-plugin directory
+	podResSock string
+	pods       *podStore
+
+	m        *devicemanager.ManagerImpl
+	prServer *grpc.Server
+	stopped  bool
+}
+
+func startKubelet(t *testing.T, dir, podResSock string, pods *podStore) *kubelet {
+	t.Helper()
+	logger, ctx := ktesting.NewTestContext(t)
+	k := &kubelet{t: t, logger: logger, ctx: ctx, dir: dir, podResSock: podResSock, pods: pods}
+	k.start()
+	t.Cleanup(k.stop)
+	return k
+}
+
+func (k *kubelet) start() {
+	k.t.Helper()
+	m, err := newManagerAt(k.logger, filepath.Join(k.dir, "kubelet.sock"))
+	if err != nil {
+		k.t.Fatalf("creating the device manager: %v", err)
+	}
+	if err := m.Start(k.logger, k.pods.GetActivePods, readySources{}, containermap.NewContainerMap(), sets.New[string]()); err != nil {
+		k.t.Fatalf("starting the device manager: %v", err)
+	}
+	k.m = m
+
+	// The kubelet's own PodResources v1 server, fed by this manager.
+	_ = os.Remove(k.podResSock)
+	ln, err := net.Listen("unix", k.podResSock)
+	if err != nil {
+		k.t.Fatalf("pod-resources socket: %v", err)
+	}
+	srv := grpc.NewServer()
+	podresourcesv1.RegisterPodResourcesListerServer(srv, podresources.NewV1PodResourcesServer(k.ctx, podresources.PodResourcesProviders{
+		Pods:             k.pods,
+		Devices:          devicesProvider{m},
+		Cpus:             noCPUs{},
+		Memory:           noMemory{},
+		DynamicResources: noDRA{},
+	}))
+	go func() { _ = srv.Serve(ln) }()
+	k.prServer = srv
+	k.stopped = false
+}
+
+func (k *kubelet) stop() {
+	if k.stopped {
+		return
+	}
+	k.stopped = true
+	k.prServer.Stop()
+	_ = os.Remove(k.podResSock)
+	if err := k.m.Stop(k.logger); err != nil {
+		k.t.Errorf("stopping the device manager: %v", err)
+	}
+}
+
+// restart is a kubelet restart: stop, then a new manager on the same paths.
+func (k *kubelet) restart() {
+	k.t.Helper()
+	k.stop()
+	k.start()
+}
+
+// counts returns capacity and allocatable per resource, as the kubelet puts
+// them into the node status (GetCapacity).
+func (k *kubelet) counts() (capacity, allocatable map[string]int64) {
+	c, a, _ := k.m.GetCapacity(k.logger)
+	capacity, allocatable = map[string]int64{}, map[string]int64{}
+	for name, q := range c {
+		capacity[string(name)] = q.Value()
+	}
+	for name, q := range a {
+		allocatable[string(name)] = q.Value()
+	}
+	return capacity, allocatable
+}
+
+// allocatableIDs returns the healthy device IDs per resource (GetAllocatableDevices).
+func (k *kubelet) allocatableIDs() map[string]sets.Set[string] {
+	out := map[string]sets.Set[string]{}
+	for r, devs := range k.m.GetAllocatableDevices(k.logger) {
+		out[r] = sets.New[string]()
+		for id := range devs {
+			out[r].Insert(id)
+		}
+	}
+	return out
+}
+
+// admit does what the kubelet's admission does for a pod that passed the
+// scheduler: the pod becomes active, then the device manager allocates for
+// each init container and then each app container, in order.
+func (k *kubelet) admit(pod *v1.Pod) error {
+	k.pods.add(pod)
+	for i := range pod.Spec.InitContainers {
+		if err := k.m.Allocate(k.ctx, pod, &pod.Spec.InitContainers[i], lifecycle.AddOperation); err != nil {
+			return fmt.Errorf("allocate %s/%s: %w", pod.Name, pod.Spec.InitContainers[i].Name, err)
+		}
+	}
+	for i := range pod.Spec.Containers {
+		if err := k.m.Allocate(k.ctx, pod, &pod.Spec.Containers[i], lifecycle.AddOperation); err != nil {
+			return fmt.Errorf("allocate %s/%s: %w", pod.Name, pod.Spec.Containers[i].Name, err)
+		}
+	}
+	return nil
+}
+
+// container finds a container (app or init) of the pod by name.
+func container(pod *v1.Pod, name string) *v1.Container {
+	for i := range pod.Spec.InitContainers {
+		if pod.Spec.InitContainers[i].Name == name {
+			return &pod.Spec.InitContainers[i]
+		}
+	}
+	for i := range pod.Spec.Containers {
+		if pod.Spec.Containers[i].Name == name {
+			return &pod.Spec.Containers[i]
+		}
+	}
+	panic("no container " + name)
+}
+
+// runOptions is what the kubelet hands the runtime for the container.
+func (k *kubelet) runOptions(pod *v1.Pod, name string) (*devicemanager.DeviceRunContainerOptions, error) {
+	return k.m.GetDeviceRunContainerOptions(k.ctx, pod, container(pod, name))
+}
+
+// deviceIDs returns the device IDs the manager recorded for the container.
+func (k *kubelet) deviceIDs(pod *v1.Pod, name, resource string) sets.Set[string] {
+	out := sets.New[string]()
+	for id := range k.m.GetDevices(string(pod.UID), name)[resource] {
+		out.Insert(id)
+	}
+	return out
+}
+
+type devicesProvider struct{ m *devicemanager.ManagerImpl }
+
+func (d devicesProvider) UpdateAllocatedDevices(logger klog.Logger) {
+	d.m.UpdateAllocatedDevices(logger)
+}
+func (d devicesProvider) GetDevices(podUID, containerName string) []*podresourcesv1.ContainerDevices {
+	return containerDevices(d.m.GetDevices(podUID, containerName))
+}
+func (d devicesProvider) GetAllocatableDevices(logger klog.Logger) []*podresourcesv1.ContainerDevices {
+	return containerDevices(d.m.GetAllocatableDevices(logger))
+}
+
+// containerDevices is pkg/kubelet/cm.containerDevicesFromResourceDeviceInstances
+// (the container manager, which the kubelet puts between the two, is not
+// built here): one entry per device and NUMA node.
+func containerDevices(devs devicemanager.ResourceDeviceInstances) []*podresourcesv1.ContainerDevices {
+	var out []*podresourcesv1.ContainerDevices
+	for resourceName, resourceDevs := range devs {
+		for devID, dev := range resourceDevs {
+			topo := dev.GetTopology()
+			if topo == nil {
+				out = append(out, &podresourcesv1.ContainerDevices{ResourceName: resourceName, DeviceIds: []string{devID}})
+				continue
+			}
+			for _, node := range topo.GetNodes() {
+				out = append(out, &podresourcesv1.ContainerDevices{
+					ResourceName: resourceName,
+					DeviceIds:    []string{devID},
+					Topology:     &podresourcesv1.TopologyInfo{Nodes: []*podresourcesv1.NUMANode{{ID: node.GetID()}}},
+				})
+			}
+		}
+	}
+	return out
+}
+
+type noCPUs struct{}
+
+func (noCPUs) GetCPUs(*v1.Pod, *v1.Container) []int64 { return nil }
+func (noCPUs) GetPodCPUs(string) []int64              { return nil }
+func (noCPUs) GetAllocatableCPUs() []int64            { return nil }
+
+type noMemory struct{}
+
+func (noMemory) GetMemory(klog.Logger, *v1.Pod, *v1.Container) []*podresourcesv1.ContainerMemory {
+	return nil
+}
+func (noMemory) GetPodMemory(klog.Logger, string) []*podresourcesv1.ContainerMemory { return nil }
+func (noMemory) GetAllocatableMemory(klog.Logger) []*podresourcesv1.ContainerMemory { return nil }
+
+type noDRA struct{}
+
+func (noDRA) GetDynamicResources(klog.Logger, *v1.Pod, *v1.Container) []*podresourcesv1.DynamicResource {
+	return nil
+}
+
+// ---------------------------------------------------------------- pods
+
+type ctr struct {
+	name string
+	res  map[string]int64
+}
+
+func newPod(name string, initCtrs, appCtrs []ctr) *v1.Pod {
+	build := func(cs []ctr) []v1.Container {
+		var out []v1.Container
+		for _, c := range cs {
+			limits := v1.ResourceList{}
+			for r, n := range c.res {
+				limits[v1.ResourceName(r)] = *resource.NewQuantity(n, resource.DecimalSI)
+			}
+			out = append(out, v1.Container{
+				Name:      c.name,
+				Resources: v1.ResourceRequirements{Limits: limits, Requests: limits},
+			})
+		}
+		return out
+	}
+	return &v1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", UID: types.UID("uid-" + name)},
+		Spec:       v1.PodSpec{InitContainers: build(initCtrs), Containers: build(appCtrs)},
+	}
+}
+
+// ---------------------------------------------------------------- plugin
+
+// repoRoot is the repository root: this module lives in conformance/kubelet.
+func repoRoot(t *testing.T) string {
+	t.Helper()
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Clean(filepath.Join(wd, "..", ".."))
+}
+
+// python is $KYB_PYTHON, else the repository's .venv, else python3.
+func python(t *testing.T) string {
+	t.Helper()
+	if p := os.Getenv("KYB_PYTHON"); p != "" {
+		return p
+	}
+	venv := filepath.Join(repoRoot(t), ".venv", "bin", "python")
+	if _, err := os.Stat(venv); err == nil {
+		return venv
+	}
+	p, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("skipped: no Python (set KYB_PYTHON, or create the repository's .venv)")
+	}
+	return p
+}
+
+// pluginEnv is the environment without KYB_* settings, so that the plugin
+// sees only the flags the test gives it.
+func pluginEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "KYB_") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+// pyRun runs a short plugin subcommand (plan, status) and returns stdout.
+func pyRun(t *testing.T, args ...string) []byte {
+	t.Helper()
+	cmd := exec.Command(python(t), append([]string{"-m", "cmd.kyb_device_plugin"}, args...)...)
+	cmd.Dir = repoRoot(t)
+	cmd.Env = pluginEnv()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("python -m cmd.kyb_device_plugin %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
+	}
+	return out
+}
+
+// node holds one test's directories: the kubelet's device-plugin directory,
+// the PodResources socket and the plugin's state directory.
+type node struct {
+	root, kubeletDir, podResSock, stateDir string
+}
+
+func newNode(t *testing.T) node {
+	t.Helper()
+	// Unix socket paths are limited to 107 bytes: keep the root short.
+	root, err := os.MkdirTemp("", "kyb-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(root) })
+	n := node{
+		root:       root,
+		kubeletDir: filepath.Join(root, "device-plugins"),
+		podResSock: filepath.Join(root, "pod-resources", "kubelet.sock"),
+		stateDir:   filepath.Join(root, "state"),
+	}
+	for _, d := range []string{n.kubeletDir, filepath.Dir(n.podResSock), n.stateDir} {
+		if err := os.MkdirAll(d, 0o750); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n
+}
+
+type plugin struct {
+	t    *testing.T
+	n    node
+	args []string
+	cmd  *exec.Cmd
+	log  *os.File
+	done chan struct{}
+	err  error // Wait's result, once done is closed
+	runs int
+}
+
+// startPlugin starts `python -m cmd.kyb_device_plugin serve` from the
+// repository root against the node's directories, with extra flags.
+func startPlugin(t *testing.T, n node, extra ...string) *plugin {
+	t.Helper()
+	p := &plugin{t: t, n: n, args: extra}
+	p.start()
+	t.Cleanup(func() {
+		p.kill()
+		if t.Failed() {
+			p.dumpLog()
+		}
+	})
+	return p
+}
+
+func (p *plugin) start() {
+	p.t.Helper()
+	p.runs++
+	args := append([]string{"-m", "cmd.kyb_device_plugin", "serve",
+		"--kubelet-dir", p.n.kubeletDir,
+		"--state-dir", p.n.stateDir,
+		"--pod-resources-socket", p.n.podResSock,
+	}, p.args...)
+	if !hasFlag(args, "--nvml-mock") {
+		args = append(args, "--nvml-mock", "dgx-a100")
+	}
+	log, err := os.OpenFile(filepath.Join(p.n.root, "plugin.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	fmt.Fprintf(log, "==== run %d: %s %s\n", p.runs, python(p.t), strings.Join(args, " "))
+	cmd := exec.Command(python(p.t), args...)
+	cmd.Dir = repoRoot(p.t)
+	cmd.Env = pluginEnv()
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		p.t.Fatalf("starting the plugin: %v", err)
+	}
+	p.cmd, p.log, p.done = cmd, log, make(chan struct{})
+	go func(done chan struct{}) {
+		p.err = cmd.Wait()
+		close(done)
+	}(p.done)
+}
+
+func hasFlag(args []string, flag string) bool {
+	for _, a := range args {
+		if a == flag || strings.HasPrefix(a, flag+"=") {
+			return true
+		}
+	}
+	return false
+}
+
+func (p *plugin) running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// stop sends SIGTERM and returns the exit code (-1: killed after 15 s).
+func (p *plugin) stop() int {
+	p.t.Helper()
+	if !p.running() {
+		return p.exitCode()
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+		return p.exitCode()
+	case <-time.After(15 * time.Second):
+		p.kill()
+		return -1
+	}
+}
+
+// kill is a crash: SIGKILL, no cleanup.
+func (p *plugin) kill() {
+	if p.cmd == nil || !p.running() {
+		return
+	}
+	_ = p.cmd.Process.Kill()
+	<-p.done
+}
+
+func (p *plugin) exitCode() int {
+	var ee *exec.ExitError
+	if p.err == nil {
+		return 0
+	}
+	if errors.As(p.err, &ee) {
+		return ee.ExitCode()
+	}
+	return -1
+}
+
+func (p *plugin) dumpLog() {
+	b, err := os.ReadFile(filepath.Join(p.n.root, "plugin.log"))
+	if err != nil {
+		return
+	}
+	const max = 12000
+	if len(b) > max {
+		b = append([]byte("...\n"), b[len(b)-max:]...)
+	}
+	p.t.Logf("plugin log (%s):\n%s", filepath.Join(p.n.root, "plugin.log"), b)
+}
+
+// ---------------------------------------------------------------- plan
+
+// group is one group of one profile, as `plan --output json` shows it.
+type group struct {
+	GPUs      []int                      `json:"gpus"`
+	NUMANodes []int                      `json:"numaNodes"`
+	UUIDs     []string                   `json:"uuids"`
+	Seats     map[string]json.RawMessage `json:"seats"`
+}
+
+// plan is the SPEC section 9 document: resource -> group name -> group.
+type plan map[string]map[string]group
+
+func loadPlan(t *testing.T, args ...string) plan {
+	t.Helper()
+	out := pyRun(t, append([]string{"plan", "--output", "json"}, args...)...)
+	var doc struct {
+		Resources map[string]struct {
+			Groups map[string]group `json:"groups"`
+		} `json:"resources"`
+	}
+	if err := json.Unmarshal(out, &doc); err != nil {
+		t.Fatalf("plan --output json: %v\n%s", err, out)
+	}
+	p := plan{}
+	for r, v := range doc.Resources {
+		p[r] = v.Groups
+	}
+	return p
+}
+
+// seatCount is the number of seats of a resource in the plan.
+func (p plan) seatCount(resource string) int {
+	n := 0
+	for _, g := range p[resource] {
+		n += len(g.Seats)
+	}
+	return n
+}
+
+// seatIDs is every device ID of a resource in the plan.
+func (p plan) seatIDs(resource string) sets.Set[string] {
+	out := sets.New[string]()
+	for _, g := range p[resource] {
+		for id := range g.Seats {
+			out.Insert(id)
+		}
+	}
+	return out
+}
+
+// groupsWithGPU names the groups of a resource that contain GPU index i.
+func (p plan) groupsWithGPU(resource string, i int) []string {
+	var out []string
+	for name, g := range p[resource] {
+		for _, x := range g.GPUs {
+			if x == i {
+				out = append(out, name)
+			}
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// topoGPU is one GPU of an NVML mock topology file (SPEC section 9).
+type topoGPU struct {
+	Index int    `json:"index"`
+	UUID  string `json:"uuid"`
+	Minor int    `json:"minor"`
+}
+
+// fixture reads a built-in mock topology (pkg/deviceplugin/nvml/fixtures),
+// for the minor numbers, which `plan` does not show.
+func fixture(t *testing.T, name string) (raw map[string]any, gpus []topoGPU) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "pkg", "deviceplugin", "nvml", "fixtures", name+".yaml"))
+	if err != nil {
+		t.Fatalf("mock topology %s: %v", name, err)
+	}
+	if err := yaml.Unmarshal(b, &raw); err != nil {
+		t.Fatalf("mock topology %s: %v", name, err)
+	}
+	var doc struct {
+		GPUs []topoGPU `json:"gpus"`
+	}
+	if err := yaml.Unmarshal(b, &doc); err != nil {
+		t.Fatalf("mock topology %s: %v", name, err)
+	}
+	return raw, doc.GPUs
+}
+
+// ---------------------------------------------------------------- checks
+
+var seatIDPattern = regexp.MustCompile(`^(.+)-s([0-9]+)$`)
+
+// eventually polls cond every 50 ms until it returns nil or timeout passes;
+// it returns how long that took.
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() error) time.Duration {
+	t.Helper()
+	start := time.Now()
+	var err error
+	for {
+		if err = cond(); err == nil {
+			return time.Since(start)
+		}
+		if time.Since(start) > timeout {
+			t.Fatalf("%s: not within %v: %v", what, timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// wantCounts is a condition: capacity and allocatable per resource.
+func (k *kubelet) wantCounts(capacity, allocatable map[string]int64) func() error {
+	return func() error {
+		c, a := k.counts()
+		for r, n := range capacity {
+			if c[r] != n {
+				return fmt.Errorf("capacity %v, allocatable %v; want capacity[%s] = %d", c, a, r, n)
+			}
+		}
+		for r, n := range allocatable {
+			if a[r] != n {
+				return fmt.Errorf("capacity %v, allocatable %v; want allocatable[%s] = %d", c, a, r, n)
+			}
+		}
+		return nil
+	}
+}
+
+// binding is what one container got for one resource, read back through the
+// manager's GetDeviceRunContainerOptions.
+type binding struct {
+	ids         sets.Set[string]
+	envs        map[string]string
+	annotations map[string]string
+	devices     map[string]string // host path -> permissions
+	cdi         []string
+	gens        map[string]int // seat -> generation
+	groups      []string       // groups in seat order
+}
+
+func list(s string) []string {
+	if s == "" {
+		return nil
+	}
+	return strings.Split(s, ",")
+}
+
+// checkBinding reads a container's allocation and checks it against SPEC
+// section 4 for the given plan and GPU minors.
+func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, pod *v1.Pod, name, resource string) binding {
+	t.Helper()
+	opts, err := k.runOptions(pod, name)
+	if err != nil {
+		t.Fatalf("GetDeviceRunContainerOptions(%s/%s): %v", pod.Name, name, err)
+	}
+	if opts == nil {
+		t.Fatalf("GetDeviceRunContainerOptions(%s/%s): no options", pod.Name, name)
+	}
+	b := binding{
+		ids:         k.deviceIDs(pod, name, resource),
+		envs:        map[string]string{},
+		annotations: map[string]string{},
+		devices:     map[string]string{},
+		gens:        map[string]int{},
+	}
+	for _, e := range opts.Envs {
+		b.envs[e.Name] = e.Value
+	}
+	for _, a := range opts.Annotations {
+		b.annotations[a.Name] = a.Value
+	}
+	for _, d := range opts.Devices {
+		if d.PathInContainer != d.PathOnHost {
+			t.Errorf("%s/%s: device %s is mapped to %s in the container", pod.Name, name, d.PathOnHost, d.PathInContainer)
+		}
+		b.devices[d.PathOnHost] = d.Permissions
+	}
+	for _, c := range opts.CDIDevices {
+		b.cdi = append(b.cdi, c.Name)
+	}
+	where := fmt.Sprintf("%s/%s (%s %v)", pod.Name, name, resource, sets.List(b.ids))
+	if b.ids.Len() == 0 {
+		t.Fatalf("%s: the manager recorded no devices", where)
+	}
+
+	seats := list(b.envs["KYB_GPU_SEAT"])
+	groups := list(b.envs["KYB_GPU_GROUP"])
+	gens := list(b.envs["KYB_SEAT_GEN"])
+	if !sets.New(seats...).Equal(b.ids) || len(seats) != b.ids.Len() {
+		t.Fatalf("%s: KYB_GPU_SEAT=%q, want the allocated IDs %v", where, b.envs["KYB_GPU_SEAT"], sets.List(b.ids))
+	}
+	if len(groups) != len(seats) || len(gens) != len(seats) {
+		t.Fatalf("%s: KYB_GPU_SEAT=%q KYB_GPU_GROUP=%q KYB_SEAT_GEN=%q: want one entry per seat",
+			where, b.envs["KYB_GPU_SEAT"], b.envs["KYB_GPU_GROUP"], b.envs["KYB_SEAT_GEN"])
+	}
+	wantIdx, wantUUID := sets.New[int](), sets.New[string]()
+	for i, seat := range seats {
+		m := seatIDPattern.FindStringSubmatch(seat)
+		if m == nil || m[1] != groups[i] {
+			t.Errorf("%s: seat %q is listed with group %q", where, seat, groups[i])
+			continue
+		}
+		g, ok := pl[resource][groups[i]]
+		if !ok {
+			t.Errorf("%s: group %q is not a %s group of the plan", where, groups[i], resource)
+			continue
+		}
+		gen, err := strconv.Atoi(gens[i])
+		if err != nil || gen < 1 {
+			t.Errorf("%s: KYB_SEAT_GEN entry %q for %s: want an integer >= 1", where, gens[i], seat)
+		}
+		b.gens[seat] = gen
+		b.groups = append(b.groups, groups[i])
+		wantIdx.Insert(g.GPUs...)
+		wantUUID.Insert(g.UUIDs...)
+	}
+
+	idx := list(b.envs["CUDA_VISIBLE_DEVICES"])
+	uuids := list(b.envs["NVIDIA_VISIBLE_DEVICES"])
+	gotIdx := sets.New[int]()
+	for _, s := range idx {
+		i, err := strconv.Atoi(s)
+		if err != nil {
+			t.Errorf("%s: CUDA_VISIBLE_DEVICES=%q: %q is not a GPU index", where, b.envs["CUDA_VISIBLE_DEVICES"], s)
+		}
+		gotIdx.Insert(i)
+	}
+	if !gotIdx.Equal(wantIdx) || len(idx) != gotIdx.Len() {
+		t.Errorf("%s: CUDA_VISIBLE_DEVICES=%q, want the indices %v of the seats' groups, once each", where, b.envs["CUDA_VISIBLE_DEVICES"], sets.List(wantIdx))
+	}
+	if !sets.New(uuids...).Equal(wantUUID) || len(uuids) != wantUUID.Len() {
+		t.Errorf("%s: NVIDIA_VISIBLE_DEVICES=%q, want the UUIDs %v, once each", where, b.envs["NVIDIA_VISIBLE_DEVICES"], sets.List(wantUUID))
+	}
+	// NVIDIA_VISIBLE_DEVICES lists the same GPUs as CUDA_VISIBLE_DEVICES, in
+	// the same order.
+	if len(idx) == len(uuids) {
+		byUUID := map[string]int{}
+		for _, g := range pl[resource] {
+			for j, u := range g.UUIDs {
+				byUUID[u] = g.GPUs[j]
+			}
+		}
+		for j := range idx {
+			if strconv.Itoa(byUUID[uuids[j]]) != idx[j] {
+				t.Errorf("%s: CUDA_VISIBLE_DEVICES=%q and NVIDIA_VISIBLE_DEVICES=%q are not in the same order",
+					where, b.envs["CUDA_VISIBLE_DEVICES"], b.envs["NVIDIA_VISIBLE_DEVICES"])
+				break
+			}
+		}
+	}
+	if !sets.New(list(b.envs["KYB_GPU_UUIDS"])...).Equal(wantUUID) {
+		t.Errorf("%s: KYB_GPU_UUIDS=%q, want the UUIDs %v", where, b.envs["KYB_GPU_UUIDS"], sets.List(wantUUID))
+	}
+	if r := sets.New(list(b.envs["KYB_RESOURCE"])...); !r.Equal(sets.New(resource)) {
+		t.Errorf("%s: KYB_RESOURCE=%q, want %q", where, b.envs["KYB_RESOURCE"], resource)
+	}
+
+	// The same facts as CRI annotations under kyb.ai/.
+	for key, env := range map[string]string{
+		"kyb.ai/gpu-group": "KYB_GPU_GROUP",
+		"kyb.ai/gpu-seat":  "KYB_GPU_SEAT",
+		"kyb.ai/seat-gen":  "KYB_SEAT_GEN",
+	} {
+		if got, ok := b.annotations[key]; !ok || got != b.envs[env] {
+			t.Errorf("%s: annotation %s=%q (present %v), want %q like %s", where, key, got, ok, b.envs[env], env)
+		}
+	}
+	for key := range b.annotations {
+		if !strings.HasPrefix(key, "kyb.ai/") {
+			t.Errorf("%s: annotation %q is not under kyb.ai/", where, key)
+		}
+	}
+
+	// Device specs: /dev/nvidia<minor> for each GPU, /dev/nvidiactl, rw.
+	if minors != nil {
+		want := sets.New("/dev/nvidiactl")
+		for u := range wantUUID {
+			m, ok := minors[u]
+			if !ok {
+				t.Fatalf("%s: no minor number for %s in the mock topology", where, u)
+			}
+			want.Insert(fmt.Sprintf("/dev/nvidia%d", m))
+		}
+		got := sets.New[string]()
+		for path, perm := range b.devices {
+			if path == "/dev/nvidia-uvm" || path == "/dev/nvidia-uvm-tools" {
+				continue // only where they exist on the node
+			}
+			got.Insert(path)
+			if perm != "rw" {
+				t.Errorf("%s: device %s has permissions %q, want rw", where, path, perm)
+			}
+		}
+		if !got.Equal(want) {
+			t.Errorf("%s: device specs %v, want %v (the GPUs' minor numbers, not their indices)", where, sets.List(got), sets.List(want))
+		}
+	}
+	return b
+}
+
+// seatOf returns the one seat and its generation of a single-seat binding.
+func (b binding) seat() (string, int) {
+	for s, g := range b.gens {
+		return s, g
+	}
+	return "", 0
+}
+
+func ctxTimeout(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), d)
+}
