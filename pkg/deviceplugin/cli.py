@@ -29,6 +29,7 @@ from pkg.deviceplugin.config import flags as config_flags
 from pkg.deviceplugin.config import loader as config_loader
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.nvml.backend import Backend, NvmlError
+from pkg.deviceplugin.server.runtime import ConfigSource
 
 log = logging.getLogger("kyb-device-plugin")
 
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "codegen":
             return _codegen(args.args)
         logs.setup("text", logging.DEBUG if args.debug else logging.INFO)
-        config = _load_config(args)
+        config = _config_source(args).load()
         logs.setup(config.log_format, logging.DEBUG if args.debug else logging.INFO)
         command: Callable[[argparse.Namespace, Config], int] = {
             "serve": _serve,
@@ -124,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-def _load_config(args: argparse.Namespace) -> Config:
+def _config_source(args: argparse.Namespace) -> ConfigSource:
     path = args.config or os.environ.get("KYB_CONFIG")
     overrides = config_flags.overrides_from(args, os.environ)
-    return config_loader.load(Path(path) if path else None, overrides)
+    return ConfigSource(Path(path) if path else None, overrides)
 
 
 def open_backend(mock: str | None) -> Backend:
@@ -170,15 +171,20 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from pkg.deviceplugin.server.runtime import Runtime
 
     backend = _discovering_backend(args)
-    runtime = Runtime(config, backend, dev_root=Path(args.dev_root))
+    runtime = Runtime(config, backend, source=_config_source(args), dev_root=Path(args.dev_root))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(_signum: int, _frame: object) -> None:
+        log.info("received SIGHUP; reloading the config")
+        runtime.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     runtime.start()
     log.info(
         "kyb-device-plugin serving %s from %s",

@@ -13,9 +13,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
+from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.kubeletsim.simulator import KubeletSimulator
 from pkg.deviceplugin.nvml import fixtures, topofile
-from pkg.deviceplugin.types import Topology
+from pkg.deviceplugin.types import Topology, socket_name_of
 
 REPO = Path(__file__).resolve().parents[2]
 # `tox -e topo-<name>` runs the whole suite with one mock topology selected.
@@ -132,6 +135,23 @@ def node(
             n.process.wait(5)
         kubelet.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def plugin_stub(node: Node, resource: str) -> api_pb2_grpc.DevicePluginStub:
+    path = node.kubelet_dir / socket_name_of(resource)
+    return api_pb2_grpc.DevicePluginStub(grpc.insecure_channel(f"unix://{path}"))
+
+
+def allocate(
+    plugin: api_pb2_grpc.DevicePluginStub, ids: Sequence[str]
+) -> api_pb2.ContainerAllocateResponse:
+    reply = plugin.Allocate(
+        api_pb2.AllocateRequest(
+            container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=list(ids))]
+        ),
+        timeout=5,
+    )
+    return reply.container_responses[0]
 
 
 def wait_until(predicate, timeout: float = 5.0, step: float = 0.02) -> bool:  # type: ignore[no-untyped-def]

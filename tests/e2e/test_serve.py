@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2
 from pkg.deviceplugin.kubeletsim.simulator import AdmissionError, ContainerSpec
 from pkg.deviceplugin.types import group_size_of
 from tests.e2e import support
@@ -28,11 +28,6 @@ def expected_seats(resource: str) -> int:
 def needs_seats(resource: str) -> None:
     if expected_seats(resource) == 0:
         pytest.skip(f"topology {support.TOPOLOGY} has no group for {resource}")
-
-
-def stub(node: support.Node, resource: str) -> api_pb2_grpc.DevicePluginStub:
-    path = node.kubelet_dir / f"kyb-gpu-{group_size_of(resource)}x-seat.sock"
-    return api_pb2_grpc.DevicePluginStub(grpc.insecure_channel(f"unix://{path}"))
 
 
 @pytest.mark.e2e
@@ -84,7 +79,7 @@ def test_unknown_or_duplicate_ids_are_invalid_argument_and_the_server_stays_up(
 ) -> None:
     resource = "kyb.ai/gpu-1x-seat"
     needs_seats(resource)
-    plugin = stub(serving, resource)
+    plugin = support.plugin_stub(serving, resource)
     for ids in (["nope-s9"], ["G0-s0", "G0-s0"]):
         with pytest.raises(grpc.RpcError) as err:
             plugin.Allocate(
@@ -126,7 +121,7 @@ def test_a_reused_seat_after_its_pod_is_deleted_gets_a_higher_generation(
     seat = first.allocations["main"][0].device_ids
     time.sleep(0.8)  # one reconcile pass sees the holder in PodResources
     serving.kubelet.delete("first")
-    plugin = stub(serving, resource)
+    plugin = support.plugin_stub(serving, resource)
     reply = plugin.Allocate(
         api_pb2.AllocateRequest(
             container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=seat)]
@@ -202,7 +197,7 @@ def test_a_restarted_plugin_keeps_every_binding_and_generation(serving: support.
     before = {r: serving.kubelet.endpoints[r].registrations for r in RESOURCES}
     serving.start_plugin()
     assert serving.wait_registered(RESOURCES, after=before), serving.log()
-    reply = stub(serving, resource).Allocate(
+    reply = support.plugin_stub(serving, resource).Allocate(
         api_pb2.AllocateRequest(
             container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=seat)]
         ),

@@ -1,25 +1,45 @@
 """The running plugin: topology, seat board, per-profile servers and background loops.
 
 Used by ``serve`` (the real process) and ``demo`` (in-process). It owns the threads and
-stops them in order: servers first (kubelet sees the plugin go), then the ledger flush.
+stops them in order: servers first (the kubelet sees the plugin go), then the ledger
+flush.
+
+Live changes:
+- the config file is polled (``CONFIG_POLL_S``) by content, through whatever symlinks
+  a ConfigMap mount swaps, and SIGHUP asks for a reload at once; a valid new config is
+  applied (profiles served or stopped, seat counts, drain, overprovisioning), an invalid
+  one is logged and the old one keeps running;
+- the topology is rediscovered every ``refreshInterval``. GPUs are never dropped from
+  the layout while the process lives: a GPU that disappears keeps its groups, which go
+  Unhealthy through the health monitor and come back with it. A GPU that appears joins
+  the auto grouping; groups with held seats are pinned and never regrouped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
 from pkg.deviceplugin.allocator.store import StateStore
+from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config
-from pkg.deviceplugin.nvml.backend import Backend
+from pkg.deviceplugin.nvml.backend import Backend, NvmlError
 from pkg.deviceplugin.server.manager import PluginManager
 from pkg.deviceplugin.server.podresources import PodResourcesClient
 from pkg.deviceplugin.types import GroupName, ResourceName, Topology, group_size_of
 
 log = logging.getLogger(__name__)
+
+CONFIG_POLL_S = 1.0
+# Paths name where the plugin talks to the kubelet and keeps its ledger; moving them
+# under a running process would strand sockets and state, so they wait for a restart.
+RESTART_ONLY = ("kubelet_dir", "pod_resources_socket", "state_dir")
 
 
 def profile_specs(config: Config) -> list[layout_mod.ProfileSpec]:
@@ -44,14 +64,67 @@ def policy_of(config: Config) -> Policy:
     )
 
 
-def build_layout(config: Config, topology: Topology) -> layout_mod.Layout:
-    return layout_mod.build(profile_specs(config), group_specs(config), topology)
+def build_layout(
+    config: Config,
+    topology: Topology,
+    keep: Mapping[int, list[tuple[GroupName, tuple[int, ...]]]] | None = None,
+) -> layout_mod.Layout:
+    return layout_mod.build(profile_specs(config), group_specs(config), topology, keep=keep)
+
+
+@dataclass
+class ConfigSource:
+    """Where the config comes from: a file (None: the default path) plus flag/env overrides."""
+
+    path: Path | None = None
+    overrides: Mapping[str, str] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        return loader.load(self.path, self.overrides)
+
+    def fingerprint(self) -> str | None:
+        """A digest of the file's content now (through symlinks); None when unreadable."""
+        try:
+            data = (self.path or loader.DEFAULT_CONFIG_PATH).read_bytes()
+        except OSError:
+            return None
+        return hashlib.sha256(data).hexdigest()
+
+
+class RuntimeHooks:
+    """What the runtime reports to observers (metrics); the default does nothing."""
+
+    def config_reload(self, accepted: bool) -> None:
+        """A reload was applied (True) or rejected (False)."""
+
+
+def merge_topology(known: Topology, fresh: Topology) -> tuple[Topology, list[int]]:
+    """Known GPUs plus the ones that appeared; returns the merge and the new indices."""
+    known_uuids = {g.uuid for g in known.gpus}
+    added = [g for g in fresh.gpus if g.uuid not in known_uuids]
+    if not added:
+        return known, []
+    taken = {g.index for g in added}
+    gpus = [g for g in known.gpus if g.index not in taken] + added
+    links = {**known.links, **fresh.links}
+    return Topology(tuple(gpus), links), [g.index for g in added]
 
 
 class Runtime:
-    def __init__(self, config: Config, backend: Backend, *, dev_root: Path = Path("/")) -> None:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        *,
+        source: ConfigSource | None = None,
+        hooks: RuntimeHooks | None = None,
+        dev_root: Path = Path("/"),
+        on_registered: Callable[[ResourceName, int], None] | None = None,
+    ) -> None:
         self.config = config
         self.backend = backend
+        self.source = source
+        self.hooks = hooks or RuntimeHooks()
         self.topology = backend.discover()
         self.board = SeatBoard(
             build_layout(config, self.topology),
@@ -60,34 +133,122 @@ class Runtime:
             release_grace_s=config.release_grace_period,
             dev_root=dev_root,
         )
+        # The ledger may hold seats of groups formed on other hardware: pin them.
+        if self.board.held_groups():
+            self.board.apply(layout=self._layout_for(config))
         self.pod_resources = PodResourcesClient(config.pod_resources_socket)
-        self.manager = PluginManager(self.board, config.kubelet_dir, self.pod_resources)
+        self.manager = PluginManager(
+            self.board, config.kubelet_dir, self.pod_resources, on_registered=on_registered
+        )
         self._stop = threading.Event()
+        self._reload_requested = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._reload_lock = threading.Lock()
+        self._fingerprint = source.fingerprint() if source is not None else None
 
     def start(self) -> None:
         self.reconcile_once()
         self.manager.sync()
         self.manager.tick()
-        self._spawn("watch-kubelet", self.manager.run, self._stop)
+        self._spawn("watch-kubelet", lambda: self.manager.run(self._stop))
         self._spawn("reconcile", self._reconcile_loop)
+        self._spawn("refresh-topology", self._refresh_loop)
+        if self.source is not None:
+            self._spawn("watch-config", self._config_loop)
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload the config now."""
+        self._reload_requested.set()
 
     def reconcile_once(self) -> None:
         observed = self.pod_resources.observe()
         if observed is not None:
             self.board.reconcile(observed)
 
+    def reload(self) -> bool:
+        """Load and apply the config; False (old config kept) when it is invalid."""
+        if self.source is None:
+            return False
+        with self._reload_lock:
+            try:
+                new = self.source.load()
+                new = self._keep_restart_only(new)
+                layout = self._layout_for(new)
+            except (loader.ConfigError, layout_mod.LayoutError) as exc:
+                for problem in exc.problems:
+                    log.error("config rejected: %s", problem)
+                log.error("keeping the running config")
+                self.hooks.config_reload(False)
+                return False
+            self.board.apply(layout=layout, policy=policy_of(new))
+            self.config = new
+            self.manager.sync()
+            log.info(
+                "config reloaded: serving %s",
+                ", ".join(f"{p.resource} x{p.seats_per_group}" for p in new.profiles),
+            )
+            self.hooks.config_reload(True)
+            return True
+
+    def refresh_topology(self) -> None:
+        try:
+            fresh = self.backend.discover()
+        except NvmlError as exc:
+            log.warning("topology refresh failed (%s); keeping the cached topology", exc)
+            return
+        with self._reload_lock:
+            merged, added = merge_topology(self.topology, fresh)
+            if not added:
+                return
+            self.topology = merged
+            for index in added:
+                log.info("GPU %s appeared", index, extra={"gpu": index})
+            try:
+                self.board.apply(layout=self._layout_for(self.config))
+            except layout_mod.LayoutError as exc:
+                log.error("new GPUs not grouped: %s", "; ".join(exc.problems))
+            self.manager.sync()
+
+    def _layout_for(self, config: Config) -> layout_mod.Layout:
+        return build_layout(config, self.topology, keep=self.board.held_groups())
+
+    def _keep_restart_only(self, new: Config) -> Config:
+        kept = {}
+        for name in RESTART_ONLY:
+            if getattr(new, name) != getattr(self.config, name):
+                log.warning("config key %s changed; it takes effect after a restart", name)
+                kept[name] = getattr(self.config, name)
+        return new.model_copy(update=kept) if kept else new
+
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.config.reconcile_interval):
             self.reconcile_once()
 
-    def _spawn(self, name: str, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.config.refresh_interval):
+            self.refresh_topology()
+
+    def _config_loop(self) -> None:
+        assert self.source is not None
+        while not self._stop.is_set():
+            requested = self._reload_requested.wait(CONFIG_POLL_S)
+            if self._stop.is_set():
+                return
+            fingerprint = self.source.fingerprint()
+            if requested or fingerprint != self._fingerprint:
+                self._reload_requested.clear()
+                self._fingerprint = fingerprint
+                log.info("config %s; reloading", "reload requested" if requested else "changed")
+                self.reload()
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
+        self._reload_requested.set()
         for thread in self._threads:
             thread.join(timeout=5)
         self.manager.stop()

@@ -1,0 +1,117 @@
+"""Live operation of the real process: config hot reload, through a ConfigMap-style mount."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pkg.deviceplugin.kubeletsim.simulator import ContainerSpec
+from tests.e2e import support
+
+R1, R2, R4 = "kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat", "kyb.ai/gpu-4x-seat"
+BASE = f"""profiles:
+  - resource: {R1}
+    seatsPerGroup: 4
+  - resource: {R2}
+    seatsPerGroup: 3
+"""
+CHANGED = f"""profiles:
+  - resource: {R1}
+    seatsPerGroup: 4
+  - resource: {R2}
+    seatsPerGroup: 2
+  - resource: {R4}
+    seatsPerGroup: 2
+"""
+
+
+class ConfigMapMount:
+    """The kubelet's ConfigMap volume: config.yaml -> ..data/config.yaml, ..data -> ..<ts>."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "configmap"
+        self.dir.mkdir()
+        self.version = 0
+        (self.dir / "config.yaml").symlink_to("..data/config.yaml")
+
+    @property
+    def path(self) -> Path:
+        return self.dir / "config.yaml"
+
+    def publish(self, text: str) -> None:
+        self.version += 1
+        target = self.dir / f"..2026_11_26_{self.version}"
+        target.mkdir()
+        (target / "config.yaml").write_text(text)
+        tmp = self.dir / "..data_tmp"
+        tmp.symlink_to(target.name)
+        os.replace(tmp, self.dir / "..data")
+
+
+@pytest.fixture
+def mounted() -> Iterator[tuple[support.Node, ConfigMapMount]]:
+    for node in support.node(topology="dgx-a100"):
+        mount = ConfigMapMount(node.root)
+        mount.publish(BASE)
+        node.extra_args = ("--config", str(mount.path))
+        node.start_plugin()
+        assert node.wait_registered((R1, R2)), node.log()
+        yield node, mount
+
+
+def test_configmap_update_adds_a_profile_and_lowers_a_seat_count_keeping_held_seats(
+    mounted: tuple[support.Node, ConfigMapMount],
+) -> None:
+    node, mount = mounted
+    plugin = support.plugin_stub(node, R2)
+    for seat in ("G01-s2", "G23-s0"):
+        support.allocate(plugin, [seat])
+    mount.publish(CHANGED)
+    assert node.wait_registered((R1, R2, R4), timeout=5.0), node.log()
+    assert support.wait_until(lambda: "G45-s2" not in node.kubelet.endpoints[R2].devices, 3.0)
+    devices = node.kubelet.endpoints[R2].devices
+    # Seats the new count drops are gone, except the held one: kept, Unhealthy, until released.
+    assert sorted(d for d in devices if d.endswith("-s2")) == ["G01-s2"]
+    assert devices["G01-s2"] == "Unhealthy"
+    assert devices["G01-s0"] == devices["G01-s1"] == devices["G23-s0"] == "Healthy"
+    assert len(devices) == 4 * 2 + 1
+    # The new 4x profile is served; its groups overlapping held 2x seats are fenced.
+    assert sorted(node.kubelet.endpoints[R4].devices) == [
+        "G0123-s0",
+        "G0123-s1",
+        "G4567-s0",
+        "G4567-s1",
+    ]
+    assert node.kubelet.healthy(R4) == ["G4567-s0", "G4567-s1"]
+    assert "config reloaded" in node.log()
+
+
+def test_invalid_config_update_is_rejected_and_the_old_config_keeps_running(
+    mounted: tuple[support.Node, ConfigMapMount],
+) -> None:
+    node, mount = mounted
+    before = {r: len(node.kubelet.healthy(r)) for r in (R1, R2)}
+    mount.publish("profiles:\n  - resource: kyb.ai/gpu-3x-seat\n    seatsPerGroup: 0\n")
+    assert support.wait_until(lambda: "config rejected" in node.log(), 5.0), node.log()
+    assert "keeping the running config" in node.log()
+    assert node.process is not None and node.process.poll() is None
+    assert {r: len(node.kubelet.healthy(r)) for r in (R1, R2)} == before
+    pod = node.kubelet.admit("still", [ContainerSpec("main", {R1: 1})])
+    assert pod.allocations["main"][0].response.envs["KYB_SEAT_GEN"] == "1"
+
+
+def test_sighup_reloads_the_config_at_once(mounted: tuple[support.Node, ConfigMapMount]) -> None:
+    node, mount = mounted
+    target = mount.dir / "..data" / "config.yaml"
+    # Rewrite in place keeping mtime-insensitive polling honest: SIGHUP must not wait for it.
+    target.write_text(BASE.replace("seatsPerGroup: 4", "seatsPerGroup: 1"))
+    assert node.process is not None
+    started = time.monotonic()
+    node.process.send_signal(signal.SIGHUP)
+    assert support.wait_until(lambda: len(node.kubelet.endpoints[R1].devices) == 8, 3.0)
+    assert time.monotonic() - started < 3.0
