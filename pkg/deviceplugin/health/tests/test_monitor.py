@@ -1,0 +1,384 @@
+"""The health monitor against the NVML mock, its scripted faults run on a fake clock."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pkg.deviceplugin.health.monitor import GpuHealth, HealthMonitor, XidRecovery
+from pkg.deviceplugin.nvml import fixtures
+from pkg.deviceplugin.nvml.backend import Probe, XidEvent
+from pkg.deviceplugin.nvml.mock import MockBackend
+from pkg.deviceplugin.nvml.topofile import load_topology_file
+from pkg.deviceplugin.types import Gpu
+
+UUIDS = ["GPU-00000000-0000-0000-0000-00000000000" + str(i) for i in range(2)]
+DEFAULT_IGNORED = (13, 31, 43, 45, 68, 109)
+FLAKY_GPU2 = "GPU-5eaa3581-09c1-d080-17cc-e9f0be33a637"
+FLAKY_GPU1 = "GPU-ad97e031-9694-efda-b545-15007797c7fc"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance_to(self, started: float, elapsed: float) -> None:
+        self.now = started + elapsed
+
+
+@dataclass
+class Changes:
+    calls: list[dict[str, str]] = field(default_factory=list)
+
+    def __call__(self, unhealthy: Mapping[str, str]) -> None:
+        self.calls.append(dict(unhealthy))
+
+
+def two_gpu_file(tmp_path: Path, faults: str) -> Path:
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        "version: v1\ngpus:\n"
+        + "".join(
+            f"  - {{index: {i}, uuid: {uuid}, name: Tesla T4, memoryMiB: 15360,\n"
+            f'     pciBusId: "00000000:0{i}:00.0", minor: {i}, numaNode: 0}}\n'
+            for i, uuid in enumerate(UUIDS)
+        )
+        + "links:\n  - [X, PHB]\n  - [PHB, X]\n"
+        + f"faults:\n{faults}"
+    )
+    return path
+
+
+@dataclass
+class Rig:
+    clock: FakeClock
+    backend: MockBackend
+    monitor: HealthMonitor
+    changes: Changes
+    started: float
+
+    def at(self, elapsed: float) -> None:
+        """Move the script to ``elapsed`` seconds and run one probe round."""
+        self.clock.advance_to(self.started, elapsed)
+        self.monitor.probe_once()
+
+    def events_at(self, elapsed: float) -> list[XidEvent]:
+        self.clock.advance_to(self.started, elapsed)
+        return self.backend.wait_xid_events(0)
+
+
+def make_rig(
+    source: str | Path,
+    *,
+    healthy_after: int = 3,
+    xid_recovery: XidRecovery = "probes",
+    backend_type: type[MockBackend] = MockBackend,
+) -> Rig:
+    clock = FakeClock()
+    backend = backend_type(load_topology_file(fixtures.resolve(source)), clock=clock)
+    gpus = backend.discover().gpus  # the layout's GPUs: fixed at start
+    changes = Changes()
+    monitor = HealthMonitor(
+        backend,
+        lambda: gpus,
+        changes,
+        probe_interval_s=0.5,
+        healthy_after=healthy_after,
+        ignored_xids=DEFAULT_IGNORED,
+        xid_recovery=xid_recovery,
+        clock=clock,
+    )
+    return Rig(clock, backend, monitor, changes, clock.now)
+
+
+def health_lines(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pkg.deviceplugin.health" and r.levelno >= level
+    ]
+
+
+def test_flaky_4_lost_gpu_is_unhealthy_on_the_first_bad_probe_and_back_after_three_good(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, "pkg.deviceplugin.health")
+    rig = make_rig("flaky-4")
+    rig.at(0.0)
+    rig.at(0.5)
+    assert rig.changes.calls == []
+
+    rig.at(1.0)
+    assert rig.changes.calls == [{FLAKY_GPU2: "GPU 2 is lost (fell off the bus)"}]
+    for t in (1.5, 2.0, 2.5):
+        rig.at(t)
+    rig.at(3.0)  # back on the bus: good probe 1
+    rig.at(3.5)  # 2
+    assert rig.monitor.unhealthy() == {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)"}
+    rig.at(4.0)  # 3
+    assert rig.changes.calls[-1] == {}
+    assert len(rig.changes.calls) == 2
+
+    assert health_lines(caplog, logging.DEBUG) == [
+        f"GPU 2 ({FLAKY_GPU2}) unhealthy: GPU 2 is lost (fell off the bus)",
+        f"GPU 2 ({FLAKY_GPU2}) healthy again after 3 good probes "
+        "(unhealthy 3.0 s: GPU 2 is lost (fell off the bus))",
+    ]
+    assert [getattr(r, "gpu", None) for r in caplog.records] == [2, 2]
+
+
+def test_a_bad_probe_between_good_ones_restarts_the_count(tmp_path: Path) -> None:
+    rig = make_rig(
+        two_gpu_file(
+            tmp_path,
+            "  - {gpu: 0, at: 1.0, kind: lost, recoverAfter: 1.0}\n"
+            "  - {gpu: 0, at: 3.0, kind: lost, recoverAfter: 1.0}\n",
+        )
+    )
+    rig.at(1.0)  # bad
+    rig.at(2.0)  # good 1
+    rig.at(3.0)  # bad: count starts over
+    rig.at(4.0)  # good 1
+    rig.at(5.0)  # good 2
+    assert set(rig.monitor.unhealthy()) == {UUIDS[0]}
+    rig.at(6.0)  # good 3
+    assert rig.monitor.unhealthy() == {}
+    assert rig.changes.calls == [{UUIDS[0]: "GPU 0 is lost (fell off the bus)"}, {}]
+
+
+def test_a_critical_xid_marks_at_once_and_an_ignored_xid_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "pkg.deviceplugin.health")
+    rig = make_rig(
+        two_gpu_file(
+            tmp_path,
+            "  - {gpu: 0, at: 1.0, kind: xid, xid: 43}\n"
+            "  - {gpu: 1, at: 1.0, kind: xid, xid: 79}\n",
+        )
+    )
+    assert rig.events_at(0.5) == []
+    events = rig.events_at(1.0)
+    assert {(e.uuid, e.xid) for e in events} == {(UUIDS[0], 43), (UUIDS[1], 79)}
+    rig.monitor.handle_events(events)
+
+    assert rig.changes.calls == [{UUIDS[1]: "critical XID 79"}]
+    assert health_lines(caplog, logging.INFO) == [f"GPU 1 ({UUIDS[1]}) unhealthy: critical XID 79"]
+    assert f"GPU 0 ({UUIDS[0]}) reported XID 43, which is ignored" in health_lines(
+        caplog, logging.DEBUG
+    )
+
+
+def test_flaky_4_xid_gpu_comes_back_after_good_probes_counted_from_the_event() -> None:
+    rig = make_rig("flaky-4", healthy_after=2)
+    rig.at(0.0)
+    rig.at(1.0)  # GPU 2 lost
+    rig.monitor.handle_events(rig.events_at(1.5))  # GPU 1: XID 79
+    assert rig.monitor.unhealthy()[FLAKY_GPU1] == "critical XID 79"
+    rig.at(2.0)  # good 1 for GPU 1
+    assert FLAKY_GPU1 in rig.monitor.unhealthy()
+    rig.at(2.5)  # good 2
+    assert FLAKY_GPU1 not in rig.monitor.unhealthy()
+    assert set(rig.monitor.unhealthy()) == {FLAKY_GPU2}
+
+
+def test_xid_recovery_never_keeps_the_gpu_unhealthy_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "pkg.deviceplugin.health")
+    rig = make_rig(
+        two_gpu_file(tmp_path, "  - {gpu: 1, at: 1.0, kind: xid, xid: 79}\n"),
+        healthy_after=1,
+        xid_recovery="never",
+    )
+    rig.monitor.handle_events(rig.events_at(1.0))
+    for t in range(2, 12):
+        rig.at(float(t))
+    assert rig.monitor.unhealthy() == {UUIDS[1]: "critical XID 79"}
+    assert rig.changes.calls == [{UUIDS[1]: "critical XID 79"}]
+    assert health_lines(caplog) == [
+        f"GPU 1 ({UUIDS[1]}) unhealthy: critical XID 79; xidRecovery is 'never', "
+        "so it stays unhealthy until the plugin restarts"
+    ]
+
+    # A reload to "probes" lets the pinned GPU recover through its probes.
+    rig.monitor.reconfigure(
+        probe_interval_s=0.5, healthy_after=1, ignored_xids=DEFAULT_IGNORED, xid_recovery="probes"
+    )
+    rig.at(12.0)
+    assert rig.monitor.unhealthy() == {}
+
+
+def test_an_xid_on_a_gpu_already_lost_restarts_its_recovery(tmp_path: Path) -> None:
+    rig = make_rig(
+        two_gpu_file(
+            tmp_path,
+            "  - {gpu: 0, at: 1.0, kind: lost, recoverAfter: 1.0}\n"
+            "  - {gpu: 0, at: 2.5, kind: xid, xid: 79}\n",
+        ),
+        healthy_after=2,
+    )
+    rig.at(1.0)  # lost
+    rig.at(2.0)  # good 1
+    rig.monitor.handle_events(rig.events_at(2.5))
+    assert rig.monitor.unhealthy() == {UUIDS[0]: "critical XID 79"}
+    rig.at(3.0)  # good 1 again
+    assert UUIDS[0] in rig.monitor.unhealthy()
+    rig.at(3.5)
+    assert rig.monitor.unhealthy() == {}
+
+
+def test_a_gpu_the_backend_does_not_know_is_unhealthy(tmp_path: Path) -> None:
+    clock = FakeClock()
+    backend = MockBackend(load_topology_file(two_gpu_file(tmp_path, "  []\n")), clock=clock)
+    stranger = Gpu(7, "GPU-unknown", "Tesla T4", 15360, "00000000:99:00.0", 7)
+    changes = Changes()
+    monitor = HealthMonitor(
+        backend,
+        lambda: (*backend.discover().gpus, stranger),
+        changes,
+        probe_interval_s=1.0,
+        healthy_after=3,
+        ignored_xids=(),
+        xid_recovery="probes",
+        clock=clock,
+    )
+    monitor.probe_once()
+    assert changes.calls == [{"GPU-unknown": "no GPU with UUID GPU-unknown"}]
+    assert monitor.gpu_health() == [
+        GpuHealth(0, UUIDS[0], True),
+        GpuHealth(1, UUIDS[1], True),
+        GpuHealth(7, "GPU-unknown", False, "no GPU with UUID GPU-unknown"),
+    ]
+
+
+def test_a_probe_that_raises_marks_every_gpu_unhealthy(tmp_path: Path) -> None:
+    rig = make_rig(two_gpu_file(tmp_path, "  []\n"))
+    rig.at(0.0)
+    rig.backend.close()
+    rig.at(1.0)
+    reason = "probe failed: the NVML mock backend is closed"
+    assert rig.changes.calls == [{UUIDS[0]: reason, UUIDS[1]: reason}]
+
+
+def test_on_change_is_called_only_when_the_unhealthy_set_changes() -> None:
+    rig = make_rig("flaky-4", healthy_after=1)
+    for step in range(0, 12):
+        rig.at(step * 0.5)
+        rig.monitor.handle_events(rig.backend.wait_xid_events(0))
+    assert rig.changes.calls == [
+        {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)"},
+        {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)", FLAKY_GPU1: "critical XID 79"},
+        {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)"},  # GPU 1 passes its probe at 2.0
+        {},  # GPU 2 back at 3.0
+    ]
+
+
+class _XidDuringProbe(MockBackend):
+    """Delivers an XID to the monitor while a probe round is under way."""
+
+    monitor: HealthMonitor | None = None
+
+    def probe(self, uuid: str) -> Probe:
+        if self.monitor is not None and uuid == UUIDS[1]:
+            monitor, self.monitor = self.monitor, None
+            monitor.handle_events([XidEvent(uuid, 79)])
+        return super().probe(uuid)
+
+
+def test_a_probe_that_began_before_an_xid_does_not_count_towards_recovery(
+    tmp_path: Path,
+) -> None:
+    rig = make_rig(two_gpu_file(tmp_path, "  []\n"), healthy_after=1, backend_type=_XidDuringProbe)
+    assert isinstance(rig.backend, _XidDuringProbe)
+    rig.backend.monitor = rig.monitor
+    rig.at(0.0)
+    assert rig.monitor.unhealthy() == {UUIDS[1]: "critical XID 79"}
+    rig.at(1.0)
+    assert rig.monitor.unhealthy() == {}
+
+
+def test_an_unhealthy_gpu_that_leaves_the_list_is_still_probed(tmp_path: Path) -> None:
+    clock = FakeClock()
+    backend = MockBackend(
+        load_topology_file(
+            two_gpu_file(tmp_path, "  - {gpu: 0, at: 1.0, kind: lost, recoverAfter: 1.0}\n")
+        ),
+        clock=clock,
+    )
+    started = clock.now
+    changes = Changes()
+    monitor = HealthMonitor(
+        backend,
+        lambda: backend.discover().gpus,  # a lost GPU drops out of discovery
+        changes,
+        probe_interval_s=1.0,
+        healthy_after=2,
+        ignored_xids=(),
+        xid_recovery="probes",
+        clock=clock,
+    )
+    monitor.handle_events([XidEvent(UUIDS[0], 79)])
+    monitor.probe_once()
+    clock.now = started + 1.5
+    monitor.probe_once()
+    assert monitor.unhealthy() == {UUIDS[0]: "critical XID 79"}
+    assert monitor.gpu_health()[0] == GpuHealth(0, UUIDS[0], False, "critical XID 79")
+    clock.now = started + 2.0
+    monitor.probe_once()
+    monitor.probe_once()
+    assert changes.calls[-1] == {}
+
+
+def test_threads_report_a_lost_gpu_and_an_xid_and_stop_promptly(tmp_path: Path) -> None:
+    backend = MockBackend(
+        load_topology_file(
+            two_gpu_file(
+                tmp_path,
+                "  - {gpu: 0, at: 0.05, kind: lost, recoverAfter: 0.2}\n"
+                "  - {gpu: 1, at: 0.1, kind: xid, xid: 79}\n",
+            )
+        )
+    )
+    gpus = backend.discover().gpus
+    seen: list[dict[str, str]] = []
+    changed = threading.Condition()
+
+    def on_change(unhealthy: Mapping[str, str]) -> None:
+        with changed:
+            seen.append(dict(unhealthy))
+            changed.notify_all()
+
+    def wait_for(predicate: Any) -> None:
+        with changed:
+            assert changed.wait_for(lambda: any(predicate(s) for s in seen), timeout=3.0), seen
+
+    monitor = HealthMonitor(
+        backend,
+        lambda: gpus,
+        on_change,
+        probe_interval_s=0.02,
+        healthy_after=2,
+        ignored_xids=(),
+        xid_recovery="never",
+    )
+    monitor.start()
+    try:
+        wait_for(lambda s: UUIDS[0] in s)
+        wait_for(lambda s: s.get(UUIDS[1]) == "critical XID 79")
+        wait_for(lambda s: s == {UUIDS[1]: "critical XID 79"})  # GPU 0 back, GPU 1 pinned
+    finally:
+        began = time.monotonic()
+        monitor.stop()
+        assert time.monotonic() - began < 0.6
+        backend.close()
