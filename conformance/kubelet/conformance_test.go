@@ -30,6 +30,7 @@ type world struct {
 	p      *plugin
 	pl     plan
 	minors map[string]int // GPU UUID -> minor number
+	cdi    bool           // deviceListStrategy cdi
 }
 
 // configFlags are the flags of serve that plan understands too.
@@ -51,19 +52,31 @@ func configFlags(extra []string) []string {
 
 // setup starts the kubelet, then the plugin with the given extra flags, and
 // waits until every profile of the plan is registered and fully allocatable.
-func setup(t *testing.T, minors map[string]int, extra ...string) *world {
+func setup(t *testing.T, extra ...string) *world {
 	t.Helper()
-	w := &world{n: newNode(t), pods: newPodStore(), minors: minors}
-	w.pl = loadPlan(t, configFlags(extra)...)
-	if w.minors == nil {
-		_, gpus := fixture(t, "dgx-a100")
-		w.minors = minorsOf(gpus)
-	}
+	w := &world{n: newNode(t), pods: newPodStore()}
+	flags := configFlags(extra)
+	w.pl = loadPlan(t, flags...)
+	_, gpus := fixture(t, flagValue(flags, "--nvml-mock"))
+	w.minors = minorsOf(gpus)
+	w.cdi = flagValue(flags, "--device-list-strategy") == "cdi"
 	w.k = startKubelet(t, w.n.kubeletDir, w.n.podResSock, w.pods)
 	w.p = startPlugin(t, w.n, extra...)
 	took := w.waitFull(t, startTimeout, "the plugin registers every profile")
 	t.Logf("plugin registered %d profiles in %v", len(w.pl), took.Round(time.Millisecond))
 	return w
+}
+
+func flagValue(args []string, flag string) string {
+	for i, a := range args {
+		if a == flag && i+1 < len(args) {
+			return args[i+1]
+		}
+		if strings.HasPrefix(a, flag+"=") {
+			return strings.TrimPrefix(a, flag+"=")
+		}
+	}
+	return ""
 }
 
 func minorsOf(gpus []topoGPU) map[string]int {
@@ -113,7 +126,7 @@ type podHandle struct{ pod *v1.Pod }
 
 func (w *world) check(t *testing.T, h *podHandle, name, resource string) binding {
 	t.Helper()
-	return checkBinding(t, w.k, w.pl, w.minors, h.pod, name, resource)
+	return checkBinding(t, w.k, w.pl, w.minors, w.cdi, h.pod, name, resource)
 }
 
 // ------------------------------------------------------------------ tests
@@ -139,7 +152,7 @@ func TestHarnessManagerStarts(t *testing.T) {
 // Every profile registers under its resource name, on its own socket, with
 // device IDs <group>-s<k> and capacity = allocatable = the seats.
 func TestEveryProfileRegisters(t *testing.T) {
-	w := setup(t, nil)
+	w := setup(t)
 
 	if got := w.pl.seatCount(res1x); got != 32 {
 		t.Errorf("plan: %s has %d seats, want 8 groups x 4 = 32 (default config on dgx-a100)", res1x, got)
@@ -189,7 +202,7 @@ func TestEveryProfileRegisters(t *testing.T) {
 // Allocation through the manager, which calls GetPreferredAllocation (when
 // the request is smaller than what is available) and then Allocate.
 func TestAllocateThroughTheManager(t *testing.T) {
-	w := setup(t, nil, "--allow-overprovision", "true")
+	w := setup(t, "--allow-overprovision", "true")
 
 	a := w.check(t, w.admit(t, pod1("a", res1x, 1)), "main", res1x)
 	seatA, genA := a.seat()
@@ -235,7 +248,7 @@ func TestAllocateThroughTheManager(t *testing.T) {
 // container's devices pass to the app container of the same pod. That is the
 // same binding: the same seat generation.
 func TestInitContainerDevicesReused(t *testing.T) {
-	w := setup(t, nil, "--allow-overprovision", "true")
+	w := setup(t, "--allow-overprovision", "true")
 
 	h := w.admit(t, &podSpec{name: "p",
 		init: []ctr{{"init", map[string]int64{res1x: 1}}},
@@ -275,7 +288,7 @@ func TestInitContainerDevicesReused(t *testing.T) {
 // Unhealthy: allocatable drops, capacity does not; when it returns, they come
 // back. Driven by a scripted fault in a mock topology file.
 func TestUnhealthySeatsLowerAllocatable(t *testing.T) {
-	raw, gpus := fixture(t, "dgx-a100")
+	raw, _ := fixture(t, "dgx-a100")
 	const lostGPU = 2
 	raw["faults"] = []map[string]any{{"gpu": lostGPU, "at": 6.0, "kind": "lost", "recoverAfter": 6.0}}
 	b, err := yaml.Marshal(raw)
@@ -287,7 +300,7 @@ func TestUnhealthySeatsLowerAllocatable(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	w := setup(t, minorsOf(gpus), "--nvml-mock", topo, "--allow-overprovision", "true")
+	w := setup(t, "--nvml-mock", topo, "--allow-overprovision", "true")
 	sick := map[string]sets.Set[string]{}
 	want := map[string]int64{}
 	for r := range w.pl {
@@ -321,7 +334,7 @@ func TestUnhealthySeatsLowerAllocatable(t *testing.T) {
 // containing that GPU (reported Unhealthy), and the other way round; the
 // holder's own profile is untouched; releasing the holder unfences.
 func TestFencing(t *testing.T) {
-	w := setup(t, nil, "--allow-overprovision", "false", "--reconcile-interval", "1s")
+	w := setup(t, "--allow-overprovision", "false", "--reconcile-interval", "1s")
 
 	ha := w.admit(t, pod1("a", res1x, 1))
 	a := w.check(t, ha, "main", res1x)
@@ -381,7 +394,7 @@ func TestFencing(t *testing.T) {
 // re-registers every profile, the manager restores its allocations from its
 // checkpoint, and allocation continues.
 func TestKubeletRestart(t *testing.T) {
-	w := setup(t, nil, "--allow-overprovision", "true")
+	w := setup(t, "--allow-overprovision", "true")
 	ha := w.admit(t, pod1("a", res1x, 1))
 	a := w.check(t, ha, "main", res1x)
 
@@ -424,7 +437,7 @@ func TestKubeletRestart(t *testing.T) {
 // containers of a pod in one admission, so this window is narrow; the manager
 // forgets init devices to reuse as soon as it allocates for another pod.)
 func TestPluginRestart(t *testing.T) {
-	w := setup(t, nil, "--allow-overprovision", "true")
+	w := setup(t, "--allow-overprovision", "true")
 	zero := map[string]int64{res1x: 0, res2x: 0}
 
 	for _, crash := range []bool{false, true} {
@@ -477,6 +490,49 @@ func TestPluginRestart(t *testing.T) {
 		t.Errorf("the manager allocated while the plugin was down")
 	} else {
 		t.Logf("while the plugin is down the manager refuses: %v", err)
+	}
+}
+
+// deviceListStrategy cdi: CDI device names instead of device specs; the
+// manager passes them on as CDIDevices.
+func TestCDIDeviceListStrategy(t *testing.T) {
+	w := setup(t, "--device-list-strategy", "cdi", "--allow-overprovision", "true")
+	a := w.check(t, w.admit(t, pod1("a", res2x, 1)), "main", res2x)
+	t.Logf("a: CDI devices %v", a.cdi)
+	w.check(t, w.admit(t, pod1("b", res1x, 2)), "main", res1x)
+}
+
+// A binding ends on evidence: its pod was seen in the kubelet's PodResources
+// List and is gone now. The next binding of that seat gets a higher
+// generation, also across a plugin restart. One GPU with one 1x seat forces
+// the manager to hand out the same seat each time.
+func TestReleaseBumpsGeneration(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(cfg, []byte("profiles:\n  - resource: kyb.ai/gpu-1x-seat\n    seatsPerGroup: 1\n"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	w := setup(t, "--config", cfg, "--nvml-mock", "single-gpu", "--reconcile-interval", "500ms")
+	if got := w.pl.seatCount(res1x); got != 1 || len(w.pl) != 1 {
+		t.Fatalf("plan: %v, want one %s seat", w.pl, res1x)
+	}
+	want := 1
+	for i, name := range []string{"a", "b", "c"} {
+		h := w.admit(t, pod1(name, res1x, 1))
+		seat, gen := w.check(t, h, "main", res1x).seat()
+		if gen != want {
+			t.Errorf("%s: %s generation %d, want %d (binding %d of the seat)", name, seat, gen, want, i+1)
+		}
+		want = gen + 1
+		// Let a reconcile see the pod in List, then delete it.
+		time.Sleep(1500 * time.Millisecond)
+		w.pods.remove(h.pod)
+		if name == "b" {
+			if code := w.p.stop(); code != 0 {
+				t.Errorf("SIGTERM: exit code %d", code)
+			}
+			w.p.start()
+			w.waitFull(t, startTimeout, "plugin restarted")
+		}
 	}
 }
 

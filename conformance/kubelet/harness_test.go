@@ -339,9 +339,13 @@ func newPod(name string, initCtrs, appCtrs []ctr) *v1.Pod {
 
 // ---------------------------------------------------------------- plugin
 
-// repoRoot is the repository root: this module lives in conformance/kubelet.
+// repoRoot is the tree the plugin runs from: $KYB_REPO_ROOT, else the
+// repository root (this module lives in conformance/kubelet).
 func repoRoot(t *testing.T) string {
 	t.Helper()
+	if r := os.Getenv("KYB_REPO_ROOT"); r != "" {
+		return r
+	}
 	wd, err := os.Getwd()
 	if err != nil {
 		t.Fatal(err)
@@ -349,13 +353,18 @@ func repoRoot(t *testing.T) string {
 	return filepath.Clean(filepath.Join(wd, "..", ".."))
 }
 
-// python is $KYB_PYTHON, else the repository's .venv, else python3.
+// python is $KYB_PYTHON, else ../../.venv/bin/python (the repository's
+// .venv), else python3.
 func python(t *testing.T) string {
 	t.Helper()
 	if p := os.Getenv("KYB_PYTHON"); p != "" {
 		return p
 	}
-	venv := filepath.Join(repoRoot(t), ".venv", "bin", "python")
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	venv := filepath.Join(wd, "..", "..", ".venv", "bin", "python")
 	if _, err := os.Stat(venv); err == nil {
 		return venv
 	}
@@ -615,11 +624,16 @@ type topoGPU struct {
 	Minor int    `json:"minor"`
 }
 
-// fixture reads a built-in mock topology (pkg/deviceplugin/nvml/fixtures),
+// fixture reads a mock topology file, or a built-in one by name
+// (pkg/deviceplugin/nvml/fixtures),
 // for the minor numbers, which `plan` does not show.
 func fixture(t *testing.T, name string) (raw map[string]any, gpus []topoGPU) {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(repoRoot(t), "pkg", "deviceplugin", "nvml", "fixtures", name+".yaml"))
+	path := name
+	if !strings.ContainsRune(name, filepath.Separator) {
+		path = filepath.Join(repoRoot(t), "pkg", "deviceplugin", "nvml", "fixtures", name+".yaml")
+	}
+	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatalf("mock topology %s: %v", name, err)
 	}
@@ -637,7 +651,10 @@ func fixture(t *testing.T, name string) (raw map[string]any, gpus []topoGPU) {
 
 // ---------------------------------------------------------------- checks
 
-var seatIDPattern = regexp.MustCompile(`^(.+)-s([0-9]+)$`)
+var (
+	seatIDPattern  = regexp.MustCompile(`^(.+)-s([0-9]+)$`)
+	cdiNamePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]*/[a-zA-Z0-9][a-zA-Z0-9_.-]*=[a-zA-Z0-9_.:-]+$`)
+)
 
 // eventually polls cond every 50 ms until it returns nil or timeout passes;
 // it returns how long that took.
@@ -695,7 +712,7 @@ func list(s string) []string {
 
 // checkBinding reads a container's allocation and checks it against SPEC
 // section 4 for the given plan and GPU minors.
-func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, pod *v1.Pod, name, resource string) binding {
+func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, cdi bool, pod *v1.Pod, name, resource string) binding {
 	t.Helper()
 	opts, err := k.runOptions(pod, name)
 	if err != nil {
@@ -819,29 +836,45 @@ func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, pod 
 		}
 	}
 
+	if cdi {
+		// deviceListStrategy cdi: CDI device names instead of raw device specs.
+		if len(b.devices) != 0 {
+			t.Errorf("%s: deviceListStrategy cdi, but device specs %v", where, b.devices)
+		}
+		if len(b.cdi) != wantUUID.Len() {
+			t.Errorf("%s: CDI devices %v, want one per GPU of %v", where, b.cdi, sets.List(wantUUID))
+		}
+		for _, name := range b.cdi {
+			if !cdiNamePattern.MatchString(name) {
+				t.Errorf("%s: CDI device %q is not a qualified CDI name (vendor/class=name)", where, name)
+			}
+		}
+		return b
+	}
+	if len(b.cdi) != 0 {
+		t.Errorf("%s: deviceListStrategy envvar, but CDI devices %v", where, b.cdi)
+	}
 	// Device specs: /dev/nvidia<minor> for each GPU, /dev/nvidiactl, rw.
-	if minors != nil {
-		want := sets.New("/dev/nvidiactl")
-		for u := range wantUUID {
-			m, ok := minors[u]
-			if !ok {
-				t.Fatalf("%s: no minor number for %s in the mock topology", where, u)
-			}
-			want.Insert(fmt.Sprintf("/dev/nvidia%d", m))
+	want := sets.New("/dev/nvidiactl")
+	for u := range wantUUID {
+		m, ok := minors[u]
+		if !ok {
+			t.Fatalf("%s: no minor number for %s in the mock topology", where, u)
 		}
-		got := sets.New[string]()
-		for path, perm := range b.devices {
-			if path == "/dev/nvidia-uvm" || path == "/dev/nvidia-uvm-tools" {
-				continue // only where they exist on the node
-			}
-			got.Insert(path)
-			if perm != "rw" {
-				t.Errorf("%s: device %s has permissions %q, want rw", where, path, perm)
-			}
+		want.Insert(fmt.Sprintf("/dev/nvidia%d", m))
+	}
+	got := sets.New[string]()
+	for path, perm := range b.devices {
+		if path == "/dev/nvidia-uvm" || path == "/dev/nvidia-uvm-tools" {
+			continue // only where they exist on the node
 		}
-		if !got.Equal(want) {
-			t.Errorf("%s: device specs %v, want %v (the GPUs' minor numbers, not their indices)", where, sets.List(got), sets.List(want))
+		got.Insert(path)
+		if perm != "rw" {
+			t.Errorf("%s: device %s has permissions %q, want rw", where, path, perm)
 		}
+	}
+	if !got.Equal(want) {
+		t.Errorf("%s: device specs %v, want %v (the GPUs' minor numbers, not their indices)", where, sets.List(got), sets.List(want))
 	}
 	return b
 }
