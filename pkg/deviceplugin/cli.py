@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(env KYB_NVML_MOCK)",
         )
         sub.add_argument(
+            "--nvml-library",
+            metavar="PATH",
+            help="load this NVML library instead of libnvidia-ml.so.1, e.g. a driver outside "
+            "the loader path or the test suite's mock library (env KYB_NVML_LIBRARY)",
+        )
+        sub.add_argument(
             "--output",
             choices=("text", "json"),
             default="text",
@@ -131,8 +137,8 @@ def _config_source(args: argparse.Namespace) -> ConfigSource:
     return ConfigSource(Path(path) if path else None, overrides)
 
 
-def open_backend(mock: str | None) -> Backend:
-    """The mock when asked for, else real NVML through pynvml."""
+def open_backend(mock: str | None, library: str | None = None) -> Backend:
+    """The mock when asked for, else real NVML through pynvml (from ``library`` if given)."""
     if mock:
         from pkg.deviceplugin.nvml import mock as mock_backend
 
@@ -143,6 +149,13 @@ def open_backend(mock: str | None) -> Backend:
         pynvml = importlib.import_module("pynvml")
     except ImportError as exc:
         raise NvmlError(f"pynvml (nvidia-ml-py) is not installed: {exc}") from exc
+    if library:
+        from pkg.deviceplugin.nvml import mocklib
+
+        try:
+            mocklib.install(pynvml, Path(library))
+        except OSError as exc:
+            raise NvmlError(f"cannot load NVML library {library}: {exc}") from exc
     return real.RealBackend(pynvml)
 
 
@@ -153,7 +166,7 @@ def _mock_choice(args: argparse.Namespace) -> str | None:
 
 def _discovering_backend(args: argparse.Namespace) -> Backend:
     mock = _mock_choice(args)
-    backend = open_backend(mock)
+    backend = open_backend(mock, args.nvml_library or os.environ.get("KYB_NVML_LIBRARY"))
     if mock is None:
         try:
             backend.discover()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -17,12 +18,30 @@ import grpc
 
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.kubeletsim.simulator import KubeletSimulator
-from pkg.deviceplugin.nvml import fixtures, topofile
+from pkg.deviceplugin.nvml import fixtures, mocklib, topofile
 from pkg.deviceplugin.types import Topology, socket_name_of
 
 REPO = Path(__file__).resolve().parents[2]
-# `tox -e topo-<name>` runs the whole suite with one mock topology selected.
+# `tox -e topo-<name>` runs the whole suite with one mock topology selected, and with
+# KYB_TEST_NVML=mocklib the plugin process runs the real pynvml backend over the mock
+# NVML library (built here with the system C compiler) instead of the Python mock.
 TOPOLOGY = os.environ.get("KYB_TEST_TOPOLOGY", "dgx-a100")
+NVML = os.environ.get("KYB_TEST_NVML", "python")
+
+
+@functools.cache
+def mock_library() -> Path:
+    return mocklib.build(Path(tempfile.mkdtemp(prefix="kyb-nvml-")))
+
+
+def nvml_args(topology: str, root: Path) -> tuple[list[str], dict[str, str]]:
+    """How the plugin process is pointed at the selected mock topology."""
+    if NVML != "mocklib":
+        return ["--nvml-mock", topology], {}
+    data = mocklib.write_data(
+        topofile.load_topology_file(fixtures.resolve(topology)), root / "nvml-mock.txt"
+    )
+    return ["--nvml-library", str(mock_library())], {"KYB_NVML_MOCK_TOPOLOGY": str(data)}
 
 
 def topology_of(name: str = TOPOLOGY) -> Topology:
@@ -69,8 +88,7 @@ class Node:
             str(self.kubelet.pod_resources_socket),
             "--state-dir",
             str(self.state_dir),
-            "--nvml-mock",
-            self.topology,
+            *nvml_args(self.topology, self.root)[0],
             "--reconcile-interval",
             "500ms",
         ]
@@ -88,7 +106,11 @@ class Node:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={
+                    **os.environ,
+                    **nvml_args(self.topology, self.root)[1],
+                    "PYTHONUNBUFFERED": "1",
+                },
             )
         return self.process
 
