@@ -1,0 +1,337 @@
+"""Latency, throughput and memory of the real plugin process, against a bare echo."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench import rpc
+from bench.node import RESOURCES, BenchError, Node, memory_kib, seat_ids, start_echo
+from bench.stats import Row, Target, percentile, row
+from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pkg.deviceplugin.types import ResourceName
+
+REPEAT_P50 = Target("p50 <= 1.5x echo", "ratio", "<=", 1.5)
+REPEAT_P99 = Target("p99 <= 2x echo", "ratio", "<=", 2.0)
+NEW_P50 = Target("p50 <= 3x echo", "ratio", "<=", 3.0)
+PREFERRED_P99 = Target("p99 < 2 ms", "value", "<", 2.0)
+NO_ERRORS = Target("0 errors", "value", "<=", 0)
+RSS = Target("< 60 MB", "value", "<", 60.0)
+CLIENTS = 8
+ONE_X, TWO_X, FOUR_X = RESOURCES
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rounds: int  # interleaved rounds of the repeat/preferred comparisons
+    per_round: int
+    new_bindings: int  # fresh seats timed one by one
+    duration_s: float  # each throughput run
+    new_throughput: int  # fresh seats bound by the concurrent clients
+
+
+FULL = Sizes(rounds=40, per_round=50, new_bindings=200, duration_s=3.0, new_throughput=160)
+QUICK = Sizes(rounds=4, per_round=25, new_bindings=20, duration_s=0.5, new_throughput=24)
+
+
+def _latency_rows(
+    section: str,
+    node: str,
+    figure: str,
+    samples: list[float],
+    echo: list[float],
+    p50: Target | None,
+    p99: Target | None,
+) -> list[Row]:
+    return [
+        row(
+            section,
+            node,
+            f"{figure} p50",
+            percentile(samples, 50),
+            "ms",
+            baseline=percentile(echo, 50),
+            baseline_name="echo p50",
+            target=p50,
+            samples=len(samples),
+        ),
+        row(
+            section,
+            node,
+            f"{figure} p99",
+            percentile(samples, 99),
+            "ms",
+            baseline=percentile(echo, 99),
+            baseline_name="echo p99",
+            target=p99,
+            samples=len(samples),
+        ),
+    ]
+
+
+def _allocate(stub: api_pb2_grpc.DevicePluginStub, device_id: str, *, fresh: bool) -> None:
+    reply = stub.Allocate(rpc.allocate_request([device_id]), timeout=10)
+    generation = reply.container_responses[0].envs.get("KYB_SEAT_GEN")
+    if fresh and generation != "1":
+        raise BenchError(f"{device_id} was not a new binding (generation {generation})")
+
+
+def run(node_name: str, fixture: str, sizes: Sizes) -> list[Row]:
+    rows: list[Row] = []
+    seats = seat_ids(fixture)
+    with Node(fixture) as node:
+        node.start()
+        echo_process, echo_channel = start_echo(node.root / "echo.sock", node.root / "echo.log")
+        try:
+            echo_stub = api_pb2_grpc.DevicePluginStub(echo_channel)
+            echo = rpc.echo_call(echo_stub)
+            rows += _preferred(node, node_name, seats, echo, sizes)
+            rows += _allocate_latency(node, node_name, seats, echo, sizes)
+            rows += _throughput(node, node_name, seats, sizes)
+            assert node.plugin is not None
+            plugin_memory = memory_kib(node.plugin.pid)
+            echo_memory = memory_kib(echo_process.process.pid)
+            echo_mb = echo_memory["VmRSS"] * 1024 / 1e6
+            section = "memory (plugin process, 3 profiles x 32 seats, after the runs above)"
+            rows.append(
+                row(
+                    section,
+                    node_name,
+                    "VmRSS",
+                    plugin_memory["VmRSS"] * 1024 / 1e6,
+                    "MB",
+                    baseline=echo_mb,
+                    baseline_name="echo RSS",
+                    target=RSS,
+                )
+            )
+            rows.append(
+                row(
+                    section,
+                    node_name,
+                    "VmHWM (peak RSS)",
+                    plugin_memory["VmHWM"] * 1024 / 1e6,
+                    "MB",
+                    baseline=echo_memory["VmHWM"] * 1024 / 1e6,
+                    baseline_name="echo HWM",
+                )
+            )
+        finally:
+            echo_channel.close()
+            echo_process.process.terminate()
+            echo_process.stop()
+    return rows
+
+
+def _preferred(
+    node: Node,
+    node_name: str,
+    seats: dict[ResourceName, list[str]],
+    echo: rpc.Call,
+    sizes: Sizes,
+) -> list[Row]:
+    rows: list[Row] = []
+    for resource in RESOURCES:
+        stub = node.stub(resource)
+        for size in (1, 2):
+            request = rpc.preferred_request(list(seats[resource]), size)
+
+            def call(
+                _: int,
+                stub: api_pb2_grpc.DevicePluginStub = stub,
+                r: api_pb2.PreferredAllocationRequest = request,
+            ) -> None:
+                reply = stub.GetPreferredAllocation(r, timeout=10)
+                wanted = r.container_requests[0].allocation_size
+                if len(reply.container_responses[0].deviceIDs) != wanted:
+                    raise BenchError("GetPreferredAllocation answered the wrong count")
+
+            samples = rpc.interleaved(
+                {"echo": echo, "preferred": call},
+                rounds=max(1, sizes.rounds // 4),
+                per_round=sizes.per_round,
+                warmup=20,
+            )
+            short = resource.removeprefix("kyb.ai/gpu-")
+            rows += _latency_rows(
+                "GetPreferredAllocation (all seats available)",
+                node_name,
+                f"{short} ({len(seats[resource])} seats) size {size}",
+                samples["preferred"],
+                samples["echo"],
+                None,
+                PREFERRED_P99,
+            )
+    return rows
+
+
+def _allocate_latency(
+    node: Node,
+    node_name: str,
+    seats: dict[ResourceName, list[str]],
+    echo: rpc.Call,
+    sizes: Sizes,
+) -> list[Row]:
+    stub = node.stub(ONE_X)
+    # Pods the kubelet admits (GetPreferredAllocation + Allocate): PodResources List shows
+    # their holders, so a repeat Allocate of their seats asks List again.
+    seen = [node.admit(f"pod-{i}", ONE_X, 1)[0] for i in range(4)]
+    node.admit("pod-pair", TWO_X, 1)
+    used = set(seen)
+    free = [s for s in seats[ONE_X] if s not in used]
+    # Seats bound by a direct Allocate and never seen in List: what the kubelet's
+    # init-to-app container hand-off repeats. The ledger answers alone.
+    unseen = free[-8:]
+    fresh = free[:-8]
+    for device_id in unseen:
+        _allocate(stub, device_id, fresh=True)
+    # one new binding so that the plugin reconciles with List and learns the holders
+    _allocate(stub, fresh.pop(0), fresh=True)
+
+    def repeat_unseen(i: int) -> None:
+        _allocate(stub, unseen[i % len(unseen)], fresh=False)
+
+    def repeat_seen(i: int) -> None:
+        _allocate(stub, seen[i % len(seen)], fresh=False)
+
+    options = api_pb2.Empty()
+
+    def plugin_options(_: int) -> None:
+        stub.GetDevicePluginOptions(options, timeout=10)
+
+    samples = rpc.interleaved(
+        {
+            "echo": echo,
+            "plugin options": plugin_options,
+            "repeat": repeat_unseen,
+            "repeat seen": repeat_seen,
+        },
+        rounds=sizes.rounds,
+        per_round=sizes.per_round,
+        warmup=20,
+    )
+    section = "Allocate latency, client -> plugin process over its Unix socket (1x profile)"
+    rows = _latency_rows(
+        section,
+        node_name,
+        "repeat Allocate, bound seat (ledger only)",
+        samples["repeat"],
+        samples["echo"],
+        REPEAT_P50,
+        REPEAT_P99,
+    )
+    rows += _latency_rows(
+        section,
+        node_name,
+        "repeat Allocate, holder seen in List (+List)",
+        samples["repeat seen"],
+        samples["echo"],
+        REPEAT_P50,
+        REPEAT_P99,
+    )
+    rows += _latency_rows(
+        section,
+        node_name,
+        "plugin GetDevicePluginOptions (its gRPC floor)",
+        samples["plugin options"],
+        samples["echo"],
+        None,
+        None,
+    )
+    count = min(sizes.new_bindings, len(fresh) - 5)
+    # new bindings and echo alternate in small blocks: each new binding fsyncs
+    per_round = 10
+    new_samples = rpc.interleaved(
+        {"echo": echo, "new": lambda i: _allocate(stub, fresh[i], fresh=True)},
+        rounds=max(1, (count - 5) // per_round),
+        per_round=per_round,
+        warmup=5,
+    )
+    rows += _latency_rows(
+        section,
+        node_name,
+        "new binding (fsync'd state + List)",
+        new_samples["new"],
+        new_samples["echo"],
+        NEW_P50,
+        None,
+    )
+    return rows
+
+
+def _throughput(
+    node: Node, node_name: str, seats: dict[ResourceName, list[str]], sizes: Sizes
+) -> list[Row]:
+    # Seats no earlier step touched: the 2x and 4x profiles' tails.
+    bound_repeat = [seats[FOUR_X][0], seats[FOUR_X][32], seats[TWO_X][-1], seats[TWO_X][-33]]
+    fresh = [s for s in seats[TWO_X][:-40] if s not in bound_repeat][: sizes.new_throughput]
+    for device_id in bound_repeat:
+        resource = FOUR_X if device_id in seats[FOUR_X] else TWO_X
+        _allocate(node.stub(resource), device_id, fresh=True)
+    echo_target = f"unix://{node.root / 'echo.sock'}"
+    section = f"Allocate throughput, {CLIENTS} concurrent clients (own connection each)"
+
+    def echo_work(stub: api_pb2_grpc.DevicePluginStub, _: int) -> None:
+        stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=10)
+
+    def repeat_work(stub: api_pb2_grpc.DevicePluginStub, job: int) -> None:
+        _allocate(stub, four[job % len(four)], fresh=False)
+
+    def new_work(stub: api_pb2_grpc.DevicePluginStub, job: int) -> None:
+        _allocate(stub, fresh[job], fresh=True)
+
+    four = [s for s in bound_repeat if s in seats[FOUR_X]]
+    four_target = f"unix://{node.socket(FOUR_X)}"
+    two_target = f"unix://{node.socket(TWO_X)}"
+    runs: list[tuple[str, Callable[[], rpc.Throughput]]] = [
+        (
+            "echo",
+            lambda: rpc.concurrent_clients(
+                echo_target, echo_work, CLIENTS, duration_s=sizes.duration_s
+            ),
+        ),
+        (
+            "repeat Allocate (4x profile)",
+            lambda: rpc.concurrent_clients(
+                four_target, repeat_work, CLIENTS, duration_s=sizes.duration_s
+            ),
+        ),
+        (
+            f"new bindings ({len(fresh)} seats, 2x profile)",
+            lambda: rpc.concurrent_clients(two_target, new_work, CLIENTS, jobs=len(fresh)),
+        ),
+    ]
+    results = {name: run() for name, run in runs}
+    echo_rate = results["echo"].per_second
+    rows: list[Row] = []
+    errors = 0
+    messages: list[str] = []
+    for name, result in results.items():
+        errors += result.errors
+        messages += result.messages
+        rows.append(
+            row(
+                section,
+                node_name,
+                f"{name} calls/s",
+                result.per_second,
+                "/s",
+                baseline=None if name == "echo" else echo_rate,
+                baseline_name="echo /s",
+                samples=result.calls,
+                errors=result.errors,
+            )
+        )
+    errors_row = row(
+        section,
+        node_name,
+        "errors seen (all runs above)",
+        errors,
+        "",
+        target=NO_ERRORS,
+        messages=messages,
+    )
+    if errors:
+        errors_row.verdict = "error"  # the benchmark (or the plugin) is broken
+    rows.append(errors_row)
+    return rows
