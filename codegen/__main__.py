@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from codegen import stubs
+from codegen import manifests, stubs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +22,13 @@ def _stubs(args: argparse.Namespace) -> int:
     if args.check:
         return _report(stubs.check(REPO_ROOT))
     stubs.write(REPO_ROOT)
+    return 0
+
+
+def _manifests(args: argparse.Namespace) -> int:
+    if args.check:
+        return _report(manifests.check(REPO_ROOT))
+    manifests.write(REPO_ROOT)
     return 0
 
 
@@ -44,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="write nothing; exit 1 listing stale files"
     )
     stubs_parser.set_defaults(run=_stubs)
+
+    manifests_parser = commands.add_parser(
+        "manifests",
+        help=f"Kubernetes manifests from {manifests.DEPLOYMENT} into {manifests.OUTPUT_ROOT}/",
+    )
+    manifests_parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 listing stale files"
+    )
+    manifests_parser.set_defaults(run=_manifests)
     return parser
 
 
@@ -53,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except stubs.CodegenError as error:
-        print(f"codegen: {error}", file=sys.stderr)
+        for line in str(error).splitlines():
+            print(f"codegen: {line}", file=sys.stderr)
         return 1
 
 

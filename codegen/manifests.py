@@ -1,0 +1,344 @@
+"""Kubernetes manifests for the plugin, rendered from ``codegen/deployment.yaml`` (SPEC 6).
+
+The deployment file names the namespace, the image and the node pools; each pool has
+its node selector, tolerations, resources and its own plugin config, which is checked
+with the plugin's own loader so a manifest can never ship a config the plugin refuses.
+jinja2 templates under ``codegen/templates/`` turn that into one Namespace, one
+ConfigMap and one DaemonSet per pool. The whole of ``manifests/device-plugin/`` is
+generated: ``write`` replaces it and ``check`` reports anything that differs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+import jinja2
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from codegen import stubs
+from pkg.deviceplugin.config import loader
+from pkg.deviceplugin.config.model import Config, loc_text
+
+DEPLOYMENT = PurePosixPath("codegen/deployment.yaml")
+TEMPLATE_ROOT = PurePosixPath("codegen/templates")
+OUTPUT_ROOT = PurePosixPath("manifests/device-plugin")
+REGENERATE = "python -m codegen manifests"
+
+# Output file -> template. `kubectl apply -f DIR` visits files in lexical order, so the
+# namespace file sorts first and exists before anything is created inside it.
+FILES = {
+    "00-namespace.yaml": "namespace.yaml.j2",
+    "configmap.yaml": "configmap.yaml.j2",
+    "daemonset.yaml": "daemonset.yaml.j2",
+}
+
+NAME = "kyb-device-plugin"
+CONFIGMAP_NAME = "kyb-deviceplugin-config"
+CONFIG_DIR = PurePosixPath("/etc/kyb/device-plugin")
+CONFIG_FILE = "config.yaml"
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A pool name ends up in object names (`kyb-deviceplugin-config-<pool>`, 63 at most).
+_MAX_POOL_NAME = 63 - len(f"{CONFIGMAP_NAME}-")
+_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_NAME_PART}$"
+_LABEL_VALUE = rf"^({_NAME_PART})?$"
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+
+def _number_as_text(value: object) -> object:
+    # `cpu: 1` is a fine quantity in YAML; the manifest still wants the string "1".
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+DnsLabel = Annotated[str, StringConstraints(strict=True, pattern=_DNS_LABEL, max_length=63)]
+PoolName = Annotated[
+    str, StringConstraints(strict=True, pattern=_DNS_LABEL, max_length=_MAX_POOL_NAME)
+]
+LabelKey = Annotated[str, StringConstraints(strict=True, pattern=_LABEL_KEY)]
+LabelValue = Annotated[str, StringConstraints(strict=True, pattern=_LABEL_VALUE)]
+Quantity = Annotated[
+    str, BeforeValidator(_number_as_text), StringConstraints(strict=True, pattern=_QUANTITY)
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class Toleration(_Model):
+    key: LabelKey | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: LabelValue | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: Annotated[int, Field(strict=True, ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _operator_fits(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("a toleration without a key needs operator Exists")
+        return self
+
+
+class Quantities(_Model):
+    cpu: Quantity
+    memory: Quantity
+
+
+class Resources(_Model):
+    """Both are required: a node-critical pod without limits can starve the node."""
+
+    requests: Quantities
+    limits: Quantities
+
+
+class Pool(_Model):
+    """Nodes that share one plugin config: one ConfigMap and one DaemonSet."""
+
+    name: PoolName
+    node_selector: Annotated[dict[LabelKey, LabelValue], Field(min_length=1)]
+    tolerations: tuple[Toleration, ...] = ()
+    resources: Resources
+    config: dict[str, Any]
+    """The plugin's config.yaml for these nodes, in exactly the plugin's format."""
+
+
+class Deployment(_Model):
+    version: Literal["v1"]
+    namespace: DnsLabel
+    image: Annotated[str, StringConstraints(strict=True, pattern=r"^\S+$")]
+    pools: Annotated[tuple[Pool, ...], Field(min_length=1)]
+
+    @field_validator("pools")
+    @classmethod
+    def _distinct_pools(cls, pools: tuple[Pool, ...]) -> tuple[Pool, ...]:
+        names = [pool.name for pool in pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
+        for i, first in enumerate(pools):
+            for second in pools[i + 1 :]:
+                if not _disjoint(first.node_selector, second.node_selector):
+                    # Two plugins on one node would fight over the same sockets.
+                    raise ValueError(
+                        f"pools {first.name!r} and {second.name!r} can select the same node; "
+                        "their node selectors must differ in the value of a shared key"
+                    )
+        return pools
+
+
+def _disjoint(first: dict[str, str], second: dict[str, str]) -> bool:
+    return any(key in second and second[key] != value for key, value in first.items())
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """What the templates need for one pool, with every name and path worked out."""
+
+    name: str
+    daemonset: str
+    configmap: str
+    labels: dict[str, str]
+    selector: dict[str, str]
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, Any]]
+    resources: dict[str, Any]
+    config_yaml: str
+    kubelet_dir: str
+    pod_resources_dir: str
+    pod_resources_socket: str
+    state_dir: str
+
+
+def generate(repo_root: Path) -> dict[str, bytes]:
+    """Render every manifest: repository-relative POSIX path -> content."""
+    source = repo_root / DEPLOYMENT
+    deployment = load_deployment(source, str(DEPLOYMENT))
+    context = {
+        "deployment": deployment,
+        "pools": [pool_view(pool, deployment, i) for i, pool in enumerate(deployment.pools)],
+        "name": NAME,
+        "config_dir": str(CONFIG_DIR),
+        "config_key": CONFIG_FILE,
+        "config_file": str(CONFIG_DIR / CONFIG_FILE),
+        "header": f"# Generated by `{REGENERATE}` from {DEPLOYMENT}; do not edit.",
+    }
+    env = _environment(repo_root / TEMPLATE_ROOT)
+    rendered: dict[str, bytes] = {}
+    for file, template in FILES.items():
+        try:
+            text = env.get_template(template).render(context)
+        except jinja2.TemplateError as error:
+            raise stubs.CodegenError(f"{TEMPLATE_ROOT}/{template}: {error}") from None
+        try:
+            list(yaml.safe_load_all(text))
+        except yaml.YAMLError as error:
+            raise stubs.CodegenError(
+                f"{TEMPLATE_ROOT}/{template}: renders invalid YAML: {_one_line(error)}"
+            ) from None
+        rendered[f"{OUTPUT_ROOT}/{file}"] = text.encode()
+    return rendered
+
+
+def write(repo_root: Path) -> None:
+    """Replace the output directory with freshly rendered manifests, dropping stale ones."""
+    rendered = generate(repo_root)
+    output = repo_root / OUTPUT_ROOT
+    if output.exists():
+        shutil.rmtree(output)
+    for path, content in rendered.items():
+        target = repo_root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+
+
+def check(repo_root: Path) -> list[str]:
+    """One line per manifest that is stale, missing or extra; empty when fresh."""
+    expected = generate(repo_root)
+    actual = stubs._files_under(repo_root, OUTPUT_ROOT)
+    problems: list[str] = []
+    for path in sorted(expected.keys() | actual):
+        if path not in actual:
+            problems.append(f"{path}: missing; run `{REGENERATE}`")
+        elif path not in expected:
+            problems.append(f"{path}: not rendered from {DEPLOYMENT}; run `{REGENERATE}`")
+        elif (repo_root / path).read_bytes() != expected[path]:
+            problems.append(f"{path}: stale; run `{REGENERATE}`")
+    return problems
+
+
+def load_deployment(path: Path, shown: str) -> Deployment:
+    """The deployment file, validated; every problem is one line naming its key path."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise stubs.CodegenError(f"{shown}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise stubs.CodegenError(f"{shown}: invalid YAML: {_one_line(error)}") from None
+    try:
+        return Deployment.model_validate(data, by_alias=True, by_name=False)
+    except ValidationError as error:
+        raise stubs.CodegenError(
+            "\n".join(
+                f"{shown}: {loc_text(tuple(e['loc'])) or '(top level)'}: {e['msg']}"
+                for e in error.errors()
+            )
+        ) from None
+
+
+def pool_view(pool: Pool, deployment: Deployment, index: int) -> PoolView:
+    """A pool's names, paths and config text; its config is checked by the plugin's loader."""
+    where = f"{DEPLOYMENT}: pools[{index}].config"
+    config_yaml = to_yaml(pool.config)
+    try:
+        config = loader.load_text(config_yaml, where)
+    except loader.ConfigError as error:
+        raise stubs.CodegenError("\n".join(error.problems)) from None
+    paths = _host_paths(config, where)
+    suffix = "" if len(deployment.pools) == 1 else f"-{pool.name}"
+    selector = {"app.kubernetes.io/name": NAME, "kyb.ai/pool": pool.name}
+    return PoolView(
+        name=pool.name,
+        daemonset=f"{NAME}{suffix}",
+        configmap=f"{CONFIGMAP_NAME}{suffix}",
+        labels={**selector, "app.kubernetes.io/component": "device-plugin"},
+        selector=selector,
+        node_selector=dict(pool.node_selector),
+        tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations],
+        resources=pool.resources.model_dump(by_alias=True),
+        config_yaml=config_yaml,
+        **paths,
+    )
+
+
+def _host_paths(config: Config, where: str) -> dict[str, str]:
+    # The container sees each host directory at the same path, so the config's paths
+    # hold on both sides and the mounts follow a kubelet with a non-default root.
+    mounts = (
+        ("kubeletDir", config.kubelet_dir, config.kubelet_dir),
+        ("podResourcesSocket", config.pod_resources_socket, config.pod_resources_socket.parent),
+        ("stateDir", config.state_dir, config.state_dir),
+    )
+    problems = [
+        f"{where}: {key}: must be an absolute path below /, got {str(value)!r}"
+        for key, value, directory in mounts
+        if not directory.is_absolute() or directory == directory.parent
+    ]
+    problems += [
+        f"{where}: {key} and {other_key} must lie in separate directories "
+        f"(one host mount each), got {str(directory)!r} and {str(other)!r}"
+        for i, (key, _, directory) in enumerate(mounts)
+        for other_key, _, other in mounts[i + 1 :]
+        if directory.is_relative_to(other) or other.is_relative_to(directory)
+    ]
+    if problems:
+        raise stubs.CodegenError("\n".join(problems))
+    return {
+        "kubelet_dir": str(config.kubelet_dir),
+        "pod_resources_dir": str(config.pod_resources_socket.parent),
+        "pod_resources_socket": str(config.pod_resources_socket),
+        "state_dir": str(config.state_dir),
+    }
+
+
+def _environment(templates: Path) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["yaml"] = _yaml_filter
+    return env
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block YAML the way people write it: nested lists indented, lists of scalars
+    inline (``gpus: [0, 1]``), keys in their given order."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    inline = all(not isinstance(item, dict | list) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=inline)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def to_yaml(value: Any) -> str:
+    """A mapping as block YAML, as it goes into the ConfigMap's config.yaml."""
+    return yaml.dump(value, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def _yaml_filter(value: Any) -> str:
+    """A value for the templates: a collection as block YAML without the final newline
+    (for ``| indent(n)``), a scalar quoted only where YAML needs it."""
+    text = yaml.dump(value, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+    return text.removesuffix("\n...\n").rstrip("\n")
+
+
+def _one_line(error: Exception) -> str:
+    return re.sub(r"\s+", " ", str(error)).strip()
