@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.e2e import support
+
+RESOURCES = ("kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat")
 
 
 @pytest.fixture
@@ -14,10 +17,30 @@ def node() -> Iterator[support.Node]:
 
 @pytest.fixture
 def serving(node: support.Node) -> support.Node:
-    """The plugin started with the default config, every profile registered."""
+    """The plugin started with the default config, every profile registered.
+
+    On a topology with scripted faults, the script is played out first (with quick
+    probes) so that the tests using this fixture see a steady, healthy node.
+    """
+    script_end = support.fault_script_end(node.topology)
+    if script_end:
+        node.extra_args = (
+            *node.extra_args,
+            "--health-probe-interval",
+            "200ms",
+            "--healthy-after-probes",
+            "1",
+        )
+    started = time.monotonic()
     node.start_plugin()
     assert node.wait_registered(RESOURCES), node.log()
+    if script_end:
+        time.sleep(max(0.0, started + script_end + 0.5 - time.monotonic()))
+        assert node.kubelet.wait_for(
+            lambda: all(
+                len(node.kubelet.healthy(r)) == len(node.kubelet.endpoints[r].devices)
+                for r in RESOURCES
+            ),
+            5.0,
+        ), node.log()
     return node
-
-
-RESOURCES = ("kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat")

@@ -29,6 +29,12 @@ TOPOLOGY = os.environ.get("KYB_TEST_TOPOLOGY", "dgx-a100")
 NVML = os.environ.get("KYB_TEST_NVML", "python")
 
 
+def fault_script_end(topology: str) -> float:
+    """Seconds after start by which a topology's scripted faults have all happened."""
+    faults = topofile.load_topology_file(fixtures.resolve(topology)).faults
+    return max((f.at + (f.recover_after or 0.0) for f in faults), default=0.0)
+
+
 @functools.cache
 def mock_library() -> Path:
     return mocklib.build(Path(tempfile.mkdtemp(prefix="kyb-nvml-")))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +117,44 @@ def test_sighup_reloads_the_config_at_once(mounted: tuple[support.Node, ConfigMa
     node.process.send_signal(signal.SIGHUP)
     assert support.wait_until(lambda: len(node.kubelet.endpoints[R1].devices) == 8, 3.0)
     assert time.monotonic() - started < 3.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+@pytest.fixture
+def metered() -> Iterator[tuple[support.Node, int]]:
+    port = _free_port()
+    for node in support.node(
+        topology="dgx-a100", extra_args=("--metrics-address", f"127.0.0.1:{port}")
+    ):
+        yield node, port
+
+
+def test_metrics_endpoint_reflects_seats_allocations_registrations_and_reloads(
+    metered: tuple[support.Node, int],
+) -> None:
+    node, port = metered
+    mount = ConfigMapMount(node.root)
+    mount.publish(BASE)
+    node.extra_args = (*node.extra_args, "--config", str(mount.path))
+    node.start_plugin()
+    assert node.wait_registered((R1, R2)), node.log()
+    support.allocate(support.plugin_stub(node, R2), ["G45-s1"])
+    mount.publish("profiles: [")
+    assert support.wait_until(lambda: "config rejected" in node.log(), 5.0)
+    text = _scrape(port)
+    assert 'kyb_seats{group="G45",resource="kyb.ai/gpu-2x-seat",state="held"} 1.0' in text
+    assert 'kyb_seats{group="G4",resource="kyb.ai/gpu-1x-seat",state="fenced"} 4.0' in text
+    assert 'kyb_registrations_total{kind="first",resource="kyb.ai/gpu-2x-seat"} 1.0' in text
+    assert 'kyb_allocate_seconds_count{resource="kyb.ai/gpu-2x-seat"} 1.0' in text
+    assert 'kyb_config_reloads_total{result="rejected"} 1.0' in text
+    assert "kyb_gpu_healthy{" in text

@@ -24,6 +24,7 @@ import grpc
 
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc
+from pkg.deviceplugin.metrics import NullMetrics, Recorder
 from pkg.deviceplugin.server import registration
 from pkg.deviceplugin.server.plugin import SeatPlugin
 from pkg.deviceplugin.server.podresources import PodResourcesClient
@@ -66,14 +67,14 @@ class PluginManager:
         pod_resources: PodResourcesClient | None,
         *,
         clock: Callable[[], float] = time.monotonic,
-        on_registered: Callable[[ResourceName, int], None] | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._board = board
         self._kubelet_dir = kubelet_dir
         self._kubelet_socket = kubelet_dir / registration.KUBELET_SOCKET
         self._pod_resources = pod_resources
         self._clock = clock
-        self._on_registered = on_registered
+        self._recorder = recorder or NullMetrics()
         self._served: dict[ResourceName, _Served] = {}
         self._lock = threading.Lock()
         self._kubelet_inode: int | None = None
@@ -138,7 +139,7 @@ class PluginManager:
         self._kubelet_dir.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             path.unlink()
-        servicer = SeatPlugin(resource, self._board, self._pod_resources)
+        servicer = SeatPlugin(resource, self._board, self._pod_resources, self._recorder)
         server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=SERVER_WORKERS, thread_name_prefix=f"dp-{socket_name_of(resource)}"
@@ -175,8 +176,7 @@ class PluginManager:
             "first time" if served.registrations == 1 else f"#{served.registrations}",
             extra={"resource": served.resource},
         )
-        if self._on_registered is not None:
-            self._on_registered(served.resource, served.registrations)
+        self._recorder.registered(served.resource, first=served.registrations == 1)
 
     def _stop_one(self, served: _Served, *, remove_socket: bool = True) -> None:
         served.servicer.stop()

@@ -11,6 +11,7 @@ import grpc
 
 from pkg.deviceplugin.allocator.board import AllocationError, DeviceView, SeatBoard
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pkg.deviceplugin.metrics import NullMetrics, Recorder
 from pkg.deviceplugin.server.podresources import PodResourcesClient
 from pkg.deviceplugin.types import ResourceName
 
@@ -49,10 +50,12 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         resource: ResourceName,
         board: SeatBoard,
         pod_resources: PodResourcesClient | None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.resource = resource
         self._board = board
         self._pod_resources = pod_resources
+        self._recorder = recorder or NullMetrics()
         self._stopped = threading.Event()
 
     def stop(self) -> None:
@@ -90,12 +93,13 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
                 container.allocation_size,
             )
             answers.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=chosen))
-        log.debug("GetPreferredAllocation took %.3f ms", 1e3 * (time.perf_counter() - started))
+        self._recorder.observe_preferred(self.resource, time.perf_counter() - started)
         return api_pb2.PreferredAllocationResponse(container_responses=answers)
 
     def Allocate(
         self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
     ) -> api_pb2.AllocateResponse:
+        started = time.perf_counter()
         requests = [list(c.devices_ids) for c in request.container_requests]
         observed = None
         if self._pod_resources is not None and self._board.needs_observation(
@@ -105,8 +109,10 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         try:
             allocations = self._board.allocate(self.resource, requests, observed)
         except AllocationError as exc:
+            self._recorder.observe_allocate(self.resource, time.perf_counter() - started, False)
             log.warning("Allocate refused: %s", exc, extra={"resource": self.resource})
             context.abort(_STATUS[exc.code], str(exc))
+        self._recorder.observe_allocate(self.resource, time.perf_counter() - started, True)
         return api_pb2.AllocateResponse(
             container_responses=[
                 api_pb2.ContainerAllocateResponse(

@@ -23,12 +23,15 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from pkg.deviceplugin import metrics
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config
+from pkg.deviceplugin.health.monitor import HealthMonitor
 from pkg.deviceplugin.nvml.backend import Backend, NvmlError
 from pkg.deviceplugin.server.manager import PluginManager
 from pkg.deviceplugin.server.podresources import PodResourcesClient
@@ -91,13 +94,6 @@ class ConfigSource:
         return hashlib.sha256(data).hexdigest()
 
 
-class RuntimeHooks:
-    """What the runtime reports to observers (metrics); the default does nothing."""
-
-    def config_reload(self, accepted: bool) -> None:
-        """A reload was applied (True) or rejected (False)."""
-
-
 def merge_topology(known: Topology, fresh: Topology) -> tuple[Topology, list[int]]:
     """Known GPUs plus the ones that appeared; returns the merge and the new indices."""
     known_uuids = {g.uuid for g in known.gpus}
@@ -117,14 +113,11 @@ class Runtime:
         backend: Backend,
         *,
         source: ConfigSource | None = None,
-        hooks: RuntimeHooks | None = None,
         dev_root: Path = Path("/"),
-        on_registered: Callable[[ResourceName, int], None] | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self.source = source
-        self.hooks = hooks or RuntimeHooks()
         self.topology = backend.discover()
         self.board = SeatBoard(
             build_layout(config, self.topology),
@@ -136,9 +129,24 @@ class Runtime:
         # The ledger may hold seats of groups formed on other hardware: pin them.
         if self.board.held_groups():
             self.board.apply(layout=self._layout_for(config))
+        self.health = HealthMonitor(
+            backend,
+            lambda: self.topology.gpus,
+            self.board.set_unhealthy,
+            **self._health_policy(config),
+        )
+        self.metrics: metrics.Recorder = (
+            metrics.Metrics(status=self.board.status, gpu_health=self.health.gpu_health)
+            if config.metrics_address
+            else metrics.NullMetrics()
+        )
+        self._metrics_server: metrics.MetricsServer | None = None
         self.pod_resources = PodResourcesClient(config.pod_resources_socket)
         self.manager = PluginManager(
-            self.board, config.kubelet_dir, self.pod_resources, on_registered=on_registered
+            self.board,
+            config.kubelet_dir,
+            self.pod_resources,
+            recorder=self.metrics,
         )
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
@@ -147,6 +155,11 @@ class Runtime:
         self._fingerprint = source.fingerprint() if source is not None else None
 
     def start(self) -> None:
+        if isinstance(self.metrics, metrics.Metrics) and self.config.metrics_address:
+            self._metrics_server = self.metrics.serve(self.config.metrics_address)
+            log.info("metrics on http://%s/metrics", self.config.metrics_address)
+        self.health.probe_once()
+        self.health.start()
         self.reconcile_once()
         self.manager.sync()
         self.manager.tick()
@@ -178,16 +191,17 @@ class Runtime:
                 for problem in exc.problems:
                     log.error("config rejected: %s", problem)
                 log.error("keeping the running config")
-                self.hooks.config_reload(False)
+                self.metrics.config_reload(False)
                 return False
             self.board.apply(layout=layout, policy=policy_of(new))
+            self.health.reconfigure(**self._health_policy(new))
             self.config = new
             self.manager.sync()
             log.info(
                 "config reloaded: serving %s",
                 ", ".join(f"{p.resource} x{p.seats_per_group}" for p in new.profiles),
             )
-            self.hooks.config_reload(True)
+            self.metrics.config_reload(True)
             return True
 
     def refresh_topology(self) -> None:
@@ -208,6 +222,15 @@ class Runtime:
             except layout_mod.LayoutError as exc:
                 log.error("new GPUs not grouped: %s", "; ".join(exc.problems))
             self.manager.sync()
+
+    @staticmethod
+    def _health_policy(config: Config) -> dict[str, Any]:
+        return {
+            "probe_interval_s": config.health_probe_interval,
+            "healthy_after": config.healthy_after_probes,
+            "ignored_xids": config.ignored_xids,
+            "xid_recovery": config.xid_recovery,
+        }
 
     def _layout_for(self, config: Config) -> layout_mod.Layout:
         return build_layout(config, self.topology, keep=self.board.held_groups())
@@ -249,6 +272,7 @@ class Runtime:
     def stop(self) -> None:
         self._stop.set()
         self._reload_requested.set()
+        self.health.stop()
         for thread in self._threads:
             thread.join(timeout=5)
         self.manager.stop()
@@ -256,4 +280,6 @@ class Runtime:
         self.board.flush()
         self.pod_resources.close()
         self.backend.close()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         log.info("stopped; sockets removed and seat ledger flushed")
