@@ -236,12 +236,19 @@ def load_deployment(path: Path, shown: str) -> Deployment:
     try:
         return Deployment.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as error:
-        raise stubs.CodegenError(
-            "\n".join(
-                f"{shown}: {loc_text(tuple(e['loc'])) or '(top level)'}: {e['msg']}"
-                for e in error.errors()
-            )
-        ) from None
+        raise stubs.CodegenError("\n".join(_problem_lines(error, shown))) from None
+
+
+def _problem_lines(error: ValidationError, shown: str) -> list[str]:
+    errors = error.errors()
+    # A list whose only entries failed is also "too short"; the entries say why.
+    inner = {tuple(e["loc"][:depth]) for e in errors for depth in range(len(e["loc"]))}
+    wording = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
+    return [
+        f"{shown}: {loc_text(tuple(e['loc'])) or '(top level)'}: {wording.get(e['type'], e['msg'])}"
+        for e in errors
+        if not (e["type"] == "too_short" and tuple(e["loc"]) in inner)
+    ]
 
 
 def pool_view(pool: Pool, deployment: Deployment, index: int) -> PoolView:

@@ -1,0 +1,498 @@
+"""The rendered manifests: fresh, schema-valid, and least privilege on every pool.
+
+Every security promise of SPEC section 6 is asserted on every DaemonSet, both of the
+committed deployment and of a three-pool deployment rendered here, so a template
+change cannot quietly loosen one of them for some pools only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from codegen import __main__ as cli
+from codegen import manifests, stubs
+from pkg.deviceplugin.config import loader
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The newest Kubernetes release whose schemas kubernetes-validate ships; pinned so a
+# package upgrade cannot change what this test means without a diff here.
+KUBERNETES = "1.37.0"
+
+KUBELET_DIR = "/var/lib/kubelet/device-plugins"
+POD_RESOURCES_DIR = "/var/lib/kubelet/pod-resources"
+STATE_DIR = "/var/lib/kyb/device-plugin"
+DEFAULT_HOST_MOUNTS = {
+    (KUBELET_DIR, "Directory", False),
+    (POD_RESOURCES_DIR, "Directory", True),
+    (STATE_DIR, "DirectoryOrCreate", False),
+}
+
+A100_CONFIG = {
+    "profiles": [
+        {"resource": "kyb.ai/gpu-1x-seat", "seatsPerGroup": 4},
+        {"resource": "kyb.ai/gpu-2x-seat", "seatsPerGroup": 3},
+    ],
+    "groups": [{"name": "G01", "gpus": [0, 1]}, {"name": "G23", "gpus": [2, 3]}],
+    "allowOverprovision": True,
+}
+H100_CONFIG = {
+    "profiles": [{"resource": "kyb.ai/gpu-4x-seat", "seatsPerGroup": 2}],
+    "preferredAllocationPolicy": "pack",
+}
+# A distribution with its own kubelet root: the host mounts must follow the config.
+K0S_CONFIG = {
+    "profiles": [{"resource": "kyb.ai/gpu-1x-seat", "seatsPerGroup": 1}],
+    "kubeletDir": "/var/lib/k0s/kubelet/device-plugins",
+    "podResourcesSocket": "/var/lib/k0s/kubelet/pod-resources/kubelet.sock",
+    "stateDir": "/var/lib/k0s/kyb",
+}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+RESOURCES = {
+    "requests": {"cpu": "50m", "memory": "96Mi"},
+    "limits": {"cpu": "1", "memory": "256Mi"},
+}
+
+
+def _pool(name: str, gpu: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "nodeSelector": {"nvidia.com/gpu.present": "true", "kyb.ai/gpu": gpu},
+        "resources": RESOURCES,
+        "config": config,
+        **extra,
+    }
+
+
+THREE_POOLS = {
+    "version": "v1",
+    "namespace": "gpu-plugins",
+    "image": "registry.example/kyb/kyb-device-plugin:1.2.3",
+    "pools": [
+        _pool("a100", "a100", A100_CONFIG, tolerations=[GPU_TOLERATION]),
+        _pool(
+            "h100",
+            "h100",
+            H100_CONFIG,
+            tolerations=[
+                GPU_TOLERATION,
+                {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"},
+            ],
+        ),
+        _pool("k0s", "l4", K0S_CONFIG),
+    ],
+}
+THREE_POOLS_HOST_MOUNTS = {
+    "a100": DEFAULT_HOST_MOUNTS,
+    "h100": DEFAULT_HOST_MOUNTS,
+    "k0s": {
+        ("/var/lib/k0s/kubelet/device-plugins", "Directory", False),
+        ("/var/lib/k0s/kubelet/pod-resources", "Directory", True),
+        ("/var/lib/k0s/kyb", "DirectoryOrCreate", False),
+    },
+}
+
+
+def _copy_repo(target: Path) -> Path:
+    """The generator's inputs and outputs, copied so a test may change them."""
+    for part in (manifests.TEMPLATE_ROOT, manifests.OUTPUT_ROOT):
+        shutil.copytree(REPO_ROOT / part, target / part)
+    shutil.copy(REPO_ROOT / manifests.DEPLOYMENT, target / manifests.DEPLOYMENT)
+    return target
+
+
+def _with_deployment(root: Path, deployment: dict[str, Any]) -> Path:
+    (root / manifests.DEPLOYMENT).write_text(yaml.safe_dump(deployment, sort_keys=False))
+    return root
+
+
+def _documents(repo_root: Path) -> list[dict[str, Any]]:
+    return [
+        doc
+        for content in manifests.generate(repo_root).values()
+        for doc in yaml.safe_load_all(content)
+    ]
+
+
+def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    return _copy_repo(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def three_pools(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _with_deployment(_copy_repo(tmp_path_factory.mktemp("three-pools")), THREE_POOLS)
+
+
+@pytest.fixture(params=["committed", "three-pools"])
+def rendered(request: pytest.FixtureRequest, three_pools: Path) -> tuple[Path, dict[str, Any]]:
+    """(repo root, deployment data) of each deployment under test."""
+    root = REPO_ROOT if request.param == "committed" else three_pools
+    return root, yaml.safe_load((root / manifests.DEPLOYMENT).read_text())
+
+
+def _daemonsets(rendered: tuple[Path, dict[str, Any]]) -> list[tuple[dict[str, Any], Any]]:
+    """Each pool of the deployment with its DaemonSet; fails unless there is one per pool."""
+    root, deployment = rendered
+    by_pool = {
+        ds["spec"]["template"]["metadata"]["labels"]["kyb.ai/pool"]: ds
+        for ds in _of_kind(_documents(root), "DaemonSet")
+    }
+    assert sorted(by_pool) == sorted(pool["name"] for pool in deployment["pools"])
+    return [(pool, by_pool[pool["name"]]) for pool in deployment["pools"]]
+
+
+def _container(daemonset: dict[str, Any]) -> dict[str, Any]:
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert isinstance(container, dict)
+    return container
+
+
+def _pod(daemonset: dict[str, Any]) -> dict[str, Any]:
+    pod = daemonset["spec"]["template"]["spec"]
+    assert isinstance(pod, dict)
+    return pod
+
+
+# --- committed, fresh, deterministic --------------------------------------------------
+
+
+def test_committed_manifests_are_fresh() -> None:
+    assert manifests.check(REPO_ROOT) == []
+
+
+def test_check_cli_exits_zero_when_fresh() -> None:
+    assert cli.main(["manifests", "--check"]) == 0
+
+
+def test_committed_default_is_one_pool_with_the_seed_profiles() -> None:
+    docs = _documents(REPO_ROOT)
+    assert [doc["kind"] for doc in docs] == ["Namespace", "ConfigMap", "DaemonSet"]
+    (configmap,) = _of_kind(docs, "ConfigMap")
+    assert configmap["metadata"]["name"] == "kyb-deviceplugin-config"
+    config = loader.load_text(configmap["data"]["config.yaml"], "configmap")
+    assert [(p.resource, p.seats_per_group) for p in config.profiles] == [
+        ("kyb.ai/gpu-1x-seat", 4),
+        ("kyb.ai/gpu-2x-seat", 3),
+    ]
+    (daemonset,) = _of_kind(docs, "DaemonSet")
+    assert daemonset["metadata"]["name"] == "kyb-device-plugin"
+    assert _pod(daemonset)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert GPU_TOLERATION in _pod(daemonset)["tolerations"]
+
+
+def test_rendering_is_deterministic(three_pools: Path) -> None:
+    assert manifests.generate(three_pools) == manifests.generate(three_pools)
+
+
+def test_write_replaces_the_output_wholesale_and_check_names_each_problem(
+    repo_copy: Path,
+) -> None:
+    output = repo_copy / manifests.OUTPUT_ROOT
+    (output / "daemonset.yaml").write_text("# hand edit\n")
+    (output / "configmap.yaml").unlink()
+    (output / "leftover.yaml").write_text("")
+
+    problems = manifests.check(repo_copy)
+
+    assert [line.split(":")[0] for line in problems] == [
+        f"{manifests.OUTPUT_ROOT}/configmap.yaml",
+        f"{manifests.OUTPUT_ROOT}/daemonset.yaml",
+        f"{manifests.OUTPUT_ROOT}/leftover.yaml",
+    ]
+    assert all("python -m codegen manifests" in line for line in problems)
+
+    manifests.write(repo_copy)
+
+    assert manifests.check(repo_copy) == []
+    assert not (output / "leftover.yaml").exists()
+
+
+def test_check_reports_stale_manifests_after_the_deployment_changes(repo_copy: Path) -> None:
+    deployment = repo_copy / manifests.DEPLOYMENT
+    deployment.write_text(deployment.read_text().replace("seatsPerGroup: 4", "seatsPerGroup: 5"))
+
+    assert [line.split(":")[0] for line in manifests.check(repo_copy)] == [
+        f"{manifests.OUTPUT_ROOT}/configmap.yaml"
+    ]
+
+
+# --- schemas -------------------------------------------------------------------------
+
+
+def test_every_document_validates_strictly_against_the_kubernetes_schemas(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    docs = _documents(rendered[0])
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_the_schemas_used_are_strict_enough_to_catch_a_misspelt_key() -> None:
+    (daemonset,) = _of_kind(_documents(REPO_ROOT), "DaemonSet")
+    _container(daemonset)["securityContext"]["privilegd"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, KUBERNETES, strict=True)
+
+
+# --- least privilege, on every pool ---------------------------------------------------
+
+
+def test_every_pool_runs_node_critical_on_its_own_gpu_nodes(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    for pool, daemonset in _daemonsets(rendered):
+        pod = _pod(daemonset)
+        assert pod["priorityClassName"] == "system-node-critical"
+        assert pod["nodeSelector"] == pool["nodeSelector"]
+        assert pod.get("tolerations", []) == pool.get("tolerations", [])
+
+
+def test_every_pool_has_no_api_token_and_no_host_namespaces(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    for _, daemonset in _daemonsets(rendered):
+        pod = _pod(daemonset)
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["hostNetwork"] is False
+        assert pod["hostPID"] is False
+        assert pod["hostIPC"] is False
+        assert "hostUsers" not in pod
+        assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def test_every_pool_container_is_unprivileged_without_capabilities(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    for _, daemonset in _daemonsets(rendered):
+        # Exact: no added capability, no runAsUser/runAsNonRoot games, nothing else.
+        assert _container(daemonset)["securityContext"] == {
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert [c["name"] for c in _pod(daemonset)["containers"]] == ["device-plugin"]
+        assert "initContainers" not in _pod(daemonset)
+        assert "ephemeralContainers" not in _pod(daemonset)
+
+
+def test_every_pool_has_requests_and_limits_for_cpu_and_memory(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    for pool, daemonset in _daemonsets(rendered):
+        resources = _container(daemonset)["resources"]
+        assert resources == pool["resources"]
+        for kind in ("requests", "limits"):
+            assert set(resources[kind]) == {"cpu", "memory"}
+
+
+def test_every_pool_gets_nvml_and_devices_from_the_nvidia_runtime(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    for _, daemonset in _daemonsets(rendered):
+        assert _pod(daemonset)["runtimeClassName"] == "nvidia"
+        env = {e["name"]: e["value"] for e in _container(daemonset)["env"]}
+        assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+        assert "utility" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+
+
+def test_every_pool_mounts_exactly_three_host_directories(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    root, _ = rendered
+    expected = {"default": DEFAULT_HOST_MOUNTS} if root == REPO_ROOT else THREE_POOLS_HOST_MOUNTS
+    for pool, daemonset in _daemonsets(rendered):
+        volumes = {v["name"]: v for v in _pod(daemonset)["volumes"]}
+        mounts = {m["name"]: m for m in _container(daemonset)["volumeMounts"]}
+        assert set(mounts) == set(volumes)
+        host = {
+            (v["hostPath"]["path"], v["hostPath"]["type"], mounts[name].get("readOnly", False))
+            for name, v in volumes.items()
+            if "hostPath" in v
+        }
+        assert host == expected[pool["name"]]
+        for name, volume in volumes.items():
+            assert set(volume) - {"name"} <= {"hostPath", "configMap"}, name
+            assert "subPath" not in mounts[name] and "subPathExpr" not in mounts[name]
+            if "hostPath" in volume:
+                # Same path inside as outside, so the config's paths hold in the pod.
+                assert mounts[name]["mountPath"] == volume["hostPath"]["path"]
+        assert "volumeDevices" not in _container(daemonset)
+
+
+def test_every_pool_mounts_its_configmap_as_a_directory(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    configmaps = {
+        cm["metadata"]["name"]: cm for cm in _of_kind(_documents(rendered[0]), "ConfigMap")
+    }
+    for pool, daemonset in _daemonsets(rendered):
+        (volume,) = [v for v in _pod(daemonset)["volumes"] if "configMap" in v]
+        (mount,) = [m for m in _container(daemonset)["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount == {
+            "name": volume["name"],
+            "mountPath": "/etc/kyb/device-plugin",
+            "readOnly": True,
+        }
+        configmap = configmaps[volume["configMap"]["name"]]
+        assert configmap["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+        # What the plugin will read is exactly the pool's config, by its own loader.
+        assert loader.load_text(configmap["data"]["config.yaml"], "rendered") == loader.validate(
+            pool["config"], "deployment"
+        )
+
+
+def test_every_pool_serves_with_the_mounted_paths(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    for _, daemonset in _daemonsets(rendered):
+        container = _container(daemonset)
+        args = container["args"]
+        assert args[0] == "serve"
+        flags = dict(zip(args[1::2], args[2::2], strict=True))
+        mounted = {m["mountPath"] for m in container["volumeMounts"]}
+        assert flags["--config"] == "/etc/kyb/device-plugin/config.yaml"
+        assert flags["--kubelet-dir"] in mounted
+        assert str(Path(flags["--pod-resources-socket"]).parent) in mounted
+        assert flags["--state-dir"] in mounted
+        assert container["workingDir"] == "/app"
+        assert "command" not in container  # the image's entrypoint, which runs from /app
+
+
+def test_every_pool_has_a_liveness_probe_that_dials_the_plugin(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    for _, daemonset in _daemonsets(rendered):
+        container = _container(daemonset)
+        probe = container["livenessProbe"]
+        command = probe["exec"]["command"]
+        assert command[:4] == ["python", "-m", "cmd.kyb_device_plugin", "healthz"]
+        flags = dict(zip(command[4::2], command[5::2], strict=True))
+        serve = dict(zip(container["args"][1::2], container["args"][2::2], strict=True))
+        assert flags["--kubelet-dir"] == serve["--kubelet-dir"]
+        assert flags["--config"] == serve["--config"]
+        # healthz takes up to 2 s per profile plus interpreter start.
+        assert probe["timeoutSeconds"] >= 8
+        assert probe["periodSeconds"] >= probe["timeoutSeconds"]
+        assert probe["failureThreshold"] >= 2
+        assert probe["initialDelaySeconds"] >= 5
+
+
+def test_every_pool_rolls_out_node_by_node_and_stops_in_time(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    for pool, daemonset in _daemonsets(rendered):
+        assert daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+        assert 5 <= _pod(daemonset)["terminationGracePeriodSeconds"] <= 60
+        selector = daemonset["spec"]["selector"]["matchLabels"]
+        labels = daemonset["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+        assert selector["kyb.ai/pool"] == pool["name"]
+        assert "annotations" not in daemonset["spec"]["template"]["metadata"]
+
+
+# --- several pools -------------------------------------------------------------------
+
+
+def test_several_pools_get_suffixed_names_in_one_namespace(three_pools: Path) -> None:
+    docs = _documents(three_pools)
+    assert [doc["metadata"]["name"] for doc in _of_kind(docs, "ConfigMap")] == [
+        "kyb-deviceplugin-config-a100",
+        "kyb-deviceplugin-config-h100",
+        "kyb-deviceplugin-config-k0s",
+    ]
+    assert [doc["metadata"]["name"] for doc in _of_kind(docs, "DaemonSet")] == [
+        "kyb-device-plugin-a100",
+        "kyb-device-plugin-h100",
+        "kyb-device-plugin-k0s",
+    ]
+    assert {doc["metadata"].get("namespace", doc["metadata"]["name"]) for doc in docs} == {
+        "gpu-plugins"
+    }
+    assert {_container(ds)["image"] for ds in _of_kind(docs, "DaemonSet")} == {
+        "registry.example/kyb/kyb-device-plugin:1.2.3"
+    }
+
+
+# --- refusing bad deployments ---------------------------------------------------------
+
+
+def _problems(repo_copy: Path, deployment: dict[str, Any]) -> list[str]:
+    with pytest.raises(stubs.CodegenError) as error:
+        manifests.generate(_with_deployment(repo_copy, deployment))
+    return str(error.value).splitlines()
+
+
+def test_a_pool_config_the_plugin_refuses_is_refused_with_its_loader_message(
+    repo_copy: Path,
+) -> None:
+    bad = {**H100_CONFIG, "profiles": [{"resource": "kyb.ai/gpu-3x-seat", "seatsPerGroup": 0}]}
+    deployment = {**THREE_POOLS, "pools": [_pool("h100", "h100", bad)]}
+
+    problems = _problems(repo_copy, deployment)
+
+    assert problems
+    assert all(
+        p.startswith("codegen/deployment.yaml: pools[0].config: profiles[0].") for p in problems
+    )
+    assert any("seatsPerGroup" in p for p in problems)
+    assert any("resource" in p for p in problems)
+
+
+def test_unknown_keys_in_the_deployment_file_are_refused(repo_copy: Path) -> None:
+    pool = {**_pool("a100", "a100", A100_CONFIG), "privileged": True}
+    problems = _problems(repo_copy, {**THREE_POOLS, "pools": [pool]})
+    assert problems == ["codegen/deployment.yaml: pools[0].privileged: unknown key"]
+
+
+def test_pools_that_could_share_a_node_are_refused(repo_copy: Path) -> None:
+    first = _pool("a100", "a100", A100_CONFIG)
+    second = {**_pool("more", "a100", H100_CONFIG), "nodeSelector": {"kyb.ai/gpu": "a100"}}
+
+    (problem,) = _problems(repo_copy, {**THREE_POOLS, "pools": [first, second]})
+
+    assert "'a100' and 'more' can select the same node" in problem
+
+
+def test_host_paths_that_overlap_or_are_relative_are_refused(repo_copy: Path) -> None:
+    config = {
+        **H100_CONFIG,
+        "stateDir": "/var/lib/kubelet/device-plugins/kyb",
+        "podResourcesSocket": "kubelet.sock",
+    }
+    problems = _problems(repo_copy, {**THREE_POOLS, "pools": [_pool("h100", "h100", config)]})
+    assert problems == [
+        "codegen/deployment.yaml: pools[0].config: podResourcesSocket: "
+        "must be an absolute path below /, got 'kubelet.sock'",
+        "codegen/deployment.yaml: pools[0].config: kubeletDir and stateDir must lie in "
+        "separate directories (one host mount each), got '/var/lib/kubelet/device-plugins' "
+        "and '/var/lib/kubelet/device-plugins/kyb'",
+    ]
+
+
+def test_cli_reports_each_problem_on_its_own_line_and_exits_1(
+    repo_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {"profiles": [{"resource": "kyb.ai/gpu-1x-seat", "seatsPerGroup": 0}], "drain": 3}
+    _with_deployment(repo_copy, {**THREE_POOLS, "pools": [_pool("a100", "a100", bad)]})
+    monkeypatch.setattr(cli, "REPO_ROOT", repo_copy)
+
+    assert cli.main(["manifests", "--check"]) == 1
+
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert all(
+        line.startswith("codegen: codegen/deployment.yaml: pools[0].config: ") for line in lines
+    )
