@@ -17,12 +17,12 @@ from typing import Any
 
 import grpc
 
-from bench import coldstart, grouping, health, serving
+from bench import coldstart, faults, grouping, health, serving
 from bench.node import NODES, REPO
 from bench.stats import Row, print_table
 
 DEFAULT_JSON = REPO / "bench" / "results" / "latest.json"
-SECTIONS = ("serving", "health", "coldstart", "grouping")
+SECTIONS = ("serving", "health", "faults", "coldstart", "grouping")
 
 
 def machine() -> dict[str, Any]:
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(
                 ("health", node_name, partial(health.run, node_name, fixture, 10 if quick else 60))
             )
+    if "faults" in chosen:
+        plan.append(("faults", "flaky-4", partial(faults.run, 1 if quick else 3)))
     if "coldstart" in chosen:
         plan.append(("coldstart", "", lambda: coldstart.run(NODES, 2 if quick else 5)))
     if "grouping" in chosen:

@@ -1,6 +1,6 @@
 """The kubelet simulator in its own process, so its work does not share the bench's GIL.
 
-Run as ``python -m bench.kubelet KUBELET_DIR POD_RESOURCES_SOCKET RESOURCE...``. It
+Run as ``python -m bench.kubelet [--updates] KUBELET_DIR POD_RESOURCES_SOCKET RESOURCE...``. It
 starts :class:`KubeletSimulator`, prints ``ready``, and prints ``registered <t>`` once
 every named resource has registered and sent its device list, ``t`` being
 ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process on the machine)
@@ -10,6 +10,10 @@ at that moment. On stdin it takes commands, one per line, each answered by one l
   (GetPreferredAllocation, then Allocate, as the kubelet does); ``ok ID,ID`` or
   ``error TEXT``;
 - ``quit``: stop.
+
+With ``--updates`` it also prints ``update RESOURCE T UNHEALTHY`` for each ListAndWatch
+message it sees (``T`` is ``time.time()`` at its arrival, UNHEALTHY the count of seats
+the message reports unhealthy).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ def say(line: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    kubelet_dir, pod_resources, *resources = argv
+    updates = "--updates" in argv
+    kubelet_dir, pod_resources, *resources = [a for a in argv if a != "--updates"]
     kubelet = KubeletSimulator(Path(kubelet_dir), Path(pod_resources))
     kubelet.start()
 
@@ -48,7 +53,29 @@ def main(argv: list[str]) -> int:
         else:
             say("error not registered within 120 s")
 
+    def report() -> None:
+        seen: dict[str, int] = {}
+        fresh: list[tuple[str, int]] = []
+
+        def changed() -> bool:
+            # runs under the simulator's lock, at each ListAndWatch message
+            for resource, endpoint in kubelet.endpoints.items():
+                if endpoint.updates != seen.get(resource):
+                    seen[resource] = endpoint.updates
+                    bad = sum(h != "Healthy" for h in endpoint.devices.values())
+                    fresh.append((resource, bad))
+            return bool(fresh)
+
+        while True:
+            kubelet.wait_for(changed, 3600.0)
+            now = time.time()
+            for resource, bad in fresh:
+                say(f"update {resource} {now:.6f} {bad}")
+            fresh.clear()
+
     threading.Thread(target=watch, daemon=True).start()
+    if updates:
+        threading.Thread(target=report, daemon=True).start()
     say("ready")
     try:
         for line in sys.stdin:

@@ -90,6 +90,7 @@ class LineProcess:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.registered_at: float | None = None
+        self.updates: list[tuple[str, float, int]] = []  # resource, time.time(), unhealthy
         self._registered = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -97,7 +98,10 @@ class LineProcess:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             line = line.strip()
-            if line.startswith("registered "):
+            if line.startswith("update "):
+                _, resource, at, bad = line.split()
+                self.updates.append((resource, float(at), int(bad)))
+            elif line.startswith("registered "):
                 self.registered_at = float(line.split()[1])
                 self._registered.set()
             else:
@@ -161,14 +165,24 @@ def stop_process(process: subprocess.Popen[str] | subprocess.Popen[bytes]) -> in
 class Node:
     """One mock GPU node: ``with Node("nvswitch-16") as node: ...``."""
 
-    def __init__(self, fixture: str, prefix: str = "kyb-bench-") -> None:
+    def __init__(
+        self,
+        fixture: str,
+        prefix: str = "kyb-bench-",
+        *,
+        extra_config: str = "",
+        updates: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.env = env or {}
         self.fixture = fixture
         self.root = short_tmpdir(prefix)
         self.kubelet_dir = self.root / "dp"
         self.pod_resources = self.root / "pr" / "kubelet.sock"
         self.state_dir = self.root / "state"
         self.config = self.root / "config.yaml"
-        self.config.write_text(config_text())
+        self.config.write_text(config_text() + extra_config)
+        self.updates = updates
         self.plugin_log = self.root / "plugin.log"
         self.kubelet: LineProcess | None = None
         self.plugin: subprocess.Popen[str] | None = None
@@ -199,6 +213,7 @@ class Node:
                 sys.executable,
                 "-m",
                 "bench.kubelet",
+                *(["--updates"] if self.updates else []),
                 str(self.kubelet_dir),
                 str(self.pod_resources),
                 *RESOURCES,
@@ -215,7 +230,7 @@ class Node:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         try:
             registered = self.kubelet.wait_registered(timeout)

@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
+
 from bench import rpc
 from bench.node import RESOURCES, BenchError, Node, memory_kib, seat_ids, start_echo
 from bench.stats import Row, Target, percentile, row
+from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pkg.deviceplugin.api.podresources.v1 import api_pb2 as pr_pb2
+from pkg.deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
 from pkg.deviceplugin.types import ResourceName
 
 REPEAT_P50 = Target("p50 <= 1.5x echo", "ratio", "<=", 1.5)
@@ -195,6 +200,12 @@ def _allocate_latency(
         _allocate(stub, seen[i % len(seen)], fresh=False)
 
     options = api_pb2.Empty()
+    pod_resources = grpc.insecure_channel(f"unix://{node.pod_resources}")
+    lister = pr_grpc.PodResourcesListerStub(pod_resources)
+    list_request = pr_pb2.ListPodResourcesRequest()
+
+    def list_pods(_: int) -> None:
+        lister.List(list_request, timeout=10)
 
     def plugin_options(_: int) -> None:
         stub.GetDevicePluginOptions(options, timeout=10)
@@ -205,6 +216,7 @@ def _allocate_latency(
             "plugin options": plugin_options,
             "repeat": repeat_unseen,
             "repeat seen": repeat_seen,
+            "list": list_pods,
         },
         rounds=sizes.rounds,
         per_round=sizes.per_round,
@@ -238,11 +250,28 @@ def _allocate_latency(
         None,
         None,
     )
+    rows += _latency_rows(
+        section,
+        node_name,
+        "PodResources List round trip (bench -> simulator)",
+        samples["list"],
+        samples["echo"],
+        None,
+        None,
+    )
+    pod_resources.close()
     count = min(sizes.new_bindings, len(fresh) - 5)
+    # The disk's floor for one durable state write, on the same file system as the
+    # plugin's state dir: the plugin's own StateStore saving a one-key document.
+    floor = StateStore(node.root / "floor")
     # new bindings and echo alternate in small blocks: each new binding fsyncs
     per_round = 10
     new_samples = rpc.interleaved(
-        {"echo": echo, "new": lambda i: _allocate(stub, fresh[i], fresh=True)},
+        {
+            "echo": echo,
+            "new": lambda i: _allocate(stub, fresh[i], fresh=True),
+            "floor": lambda i: floor.save({"i": i}),
+        },
         rounds=max(1, (count - 5) // per_round),
         per_round=per_round,
         warmup=5,
@@ -254,6 +283,15 @@ def _allocate_latency(
         new_samples["new"],
         new_samples["echo"],
         NEW_P50,
+        None,
+    )
+    rows += _latency_rows(
+        section,
+        node_name,
+        "durable write floor (StateStore.save, 1 key)",
+        new_samples["floor"],
+        new_samples["echo"],
+        None,
         None,
     )
     return rows
