@@ -93,6 +93,8 @@ class SeatBoard:
         self._dev_root = dev_root
         self._ledger = Ledger(release_grace_s)
         self._unhealthy: dict[str, str] = {}
+        self._closeness_cache: dict[tuple[ResourceName, GroupName, GroupName], int] = {}
+        self._closeness_layout: Layout | None = None
         self._closed = False
         self._restore(store.load() if store is not None else None)
         self._snapshot = self._build_snapshot(1)
@@ -277,11 +279,24 @@ class SeatBoard:
         )
 
     def _closeness(self, resource: ResourceName) -> Callable[[GroupName, GroupName], int]:
-        profile = self._layout.profiles.get(resource)
+        """Group-to-group link quality, memoised per layout (placement asks it per seat)."""
+        layout = self._layout
+        if self._closeness_layout is not layout:
+            self._closeness_cache = {}
+            self._closeness_layout = layout
+        cache = self._closeness_cache
+        profile = layout.profiles.get(resource)
         groups = {g.name: g for g in profile.groups} if profile is not None else {}
-        topology = self._layout.topology
+        topology = layout.topology
 
         def closeness(a: GroupName, b: GroupName) -> int:
+            key = (resource, a, b)
+            known = cache.get(key)
+            if known is None:
+                known = cache[key] = _group_closeness(a, b)
+            return known
+
+        def _group_closeness(a: GroupName, b: GroupName) -> int:
             ga, gb = groups.get(a), groups.get(b)
             if ga is None or gb is None:
                 return 0
