@@ -170,8 +170,7 @@ class PoolView:
 
 def generate(repo_root: Path) -> dict[str, bytes]:
     """Render every manifest: repository-relative POSIX path -> content."""
-    source = repo_root / DEPLOYMENT
-    deployment = load_deployment(source, str(DEPLOYMENT))
+    deployment = load_deployment(repo_root)
     context = {
         "deployment": deployment,
         "pools": [pool_view(pool, deployment, i) for i, pool in enumerate(deployment.pools)],
@@ -225,10 +224,11 @@ def check(repo_root: Path) -> list[str]:
     return problems
 
 
-def load_deployment(path: Path, shown: str) -> Deployment:
+def load_deployment(repo_root: Path) -> Deployment:
     """The deployment file, validated; every problem is one line naming its key path."""
+    shown = str(DEPLOYMENT)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load((repo_root / DEPLOYMENT).read_text(encoding="utf-8"))
     except OSError as error:
         raise stubs.CodegenError(f"{shown}: cannot read: {error.strerror}") from None
     except yaml.YAMLError as error:
