@@ -156,7 +156,9 @@ def open_backend(mock: str | None, library: str | None = None) -> Backend:
             mocklib.install(pynvml, Path(library))
         except OSError as exc:
             raise NvmlError(f"cannot load NVML library {library}: {exc}") from exc
-    return real.RealBackend(pynvml)
+    from pkg.deviceplugin.topology import smi
+
+    return real.RealBackend(pynvml, smi_links=smi.run_topo_matrix)
 
 
 def _mock_choice(args: argparse.Namespace) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -59,8 +59,17 @@ class _Device:
 class RealBackend:
     """GPU facts from NVML. ``nvml`` is the ``pynvml`` module (or a fake of it)."""
 
-    def __init__(self, nvml: ModuleType, sysfs_root: Path = Path("/sys")) -> None:
+    def __init__(
+        self,
+        nvml: ModuleType,
+        sysfs_root: Path = Path("/sys"),
+        smi_links: Callable[[], Mapping[tuple[int, int], Link]] | None = None,
+    ) -> None:
+        """``smi_links`` (``nvidia-smi topo -m``, parsed) fills in the pairs whose PCIe
+        level NVML cannot give; without it, or when it fails, NUMA nodes decide."""
         self._nvml: Any = nvml
+        self._smi_links = smi_links
+        self._smi_failure: str | None = None
         self._error: type[Exception] = nvml.NVMLError
         self._sysfs_root = sysfs_root
         self._lock = threading.Lock()
@@ -132,6 +141,7 @@ class RealBackend:
                     pair = (d.gpu.index, remote_index)
                     direct[pair] = direct.get(pair, 0) + 1
         links: dict[tuple[int, int], Link] = {}
+        unanswered: list[tuple[int, int]] = []
         for i, a in enumerate(devices):
             for b in devices[i + 1 :]:
                 ia, ib = a.gpu.index, b.gpu.index
@@ -141,8 +151,35 @@ class RealBackend:
                 nvlinks = max(direct.get((ia, ib), 0), direct.get((ib, ia), 0))
                 if ia in to_switch and ib in to_switch:
                     nvlinks += min(to_switch[ia], to_switch[ib])
-                links[ia, ib] = Link(LinkKind.NVLINK, nvlinks) if nvlinks else self._pcie_link(a, b)
+                if nvlinks:
+                    links[ia, ib] = Link(LinkKind.NVLINK, nvlinks)
+                    continue
+                pcie = self._pcie_link(a, b)
+                if pcie is None:
+                    unanswered.append((ia, ib))
+                    pcie = self._numa_guess(a, b)
+                links[ia, ib] = pcie
+        if unanswered:
+            links.update(self._from_smi(unanswered))
         return Topology(tuple(d.gpu for d in devices), links)
+
+    def _from_smi(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], Link]:
+        """The ``nvidia-smi topo -m`` words for pairs NVML could not place."""
+        if self._smi_links is None:
+            return {}
+        try:
+            matrix = self._smi_links()
+        except Exception as exc:  # SmiError, or anything the runner raises
+            message = str(exc)
+            if message != self._smi_failure:
+                log.warning(
+                    "nvidia-smi topo -m fallback failed (%s); guessing links from NUMA nodes",
+                    message,
+                )
+                self._smi_failure = message
+            return {}
+        self._smi_failure = None
+        return {pair: matrix[pair] for pair in pairs if pair in matrix}
 
     def _devices(self, count: int) -> list[_Device]:
         """Every GPU that answers; one that errors (fell off the bus) is left out, as it
@@ -246,15 +283,19 @@ class RealBackend:
                 found.append((None, True))
         return found
 
-    def _pcie_link(self, a: _Device, b: _Device) -> Link:
+    def _pcie_link(self, a: _Device, b: _Device) -> Link | None:
         level = self._optional(
             f"GPUs {a.gpu.index} and {b.gpu.index} common ancestor",
             self._nvml.nvmlDeviceGetTopologyCommonAncestor,
             a.handle,
             b.handle,
         )
-        if level is not None:
-            return Link(_ANCESTOR_LINKS.get(int(level), LinkKind.SYS))
+        if level is None:
+            return None
+        return Link(_ANCESTOR_LINKS.get(int(level), LinkKind.SYS))
+
+    @staticmethod
+    def _numa_guess(a: _Device, b: _Device) -> Link:
         # Without the PCIe answer, the NUMA nodes still tell same socket from across.
         same_node = a.gpu.numa_node is not None and a.gpu.numa_node == b.gpu.numa_node
         return Link(LinkKind.NODE if same_node else LinkKind.SYS)

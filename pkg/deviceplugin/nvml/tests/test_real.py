@@ -14,7 +14,7 @@ import pytest
 from pkg.deviceplugin.nvml import fixtures
 from pkg.deviceplugin.nvml.backend import Backend, NvmlError, XidEvent
 from pkg.deviceplugin.nvml.real import RealBackend
-from pkg.deviceplugin.types import LinkKind, Topology
+from pkg.deviceplugin.types import Link, LinkKind, Topology
 
 MakeFake = Callable[..., Any]
 
@@ -189,3 +189,38 @@ def test_close_wakes_a_waiter_on_a_node_without_events(make_fake: MakeFake, sysf
     waiter.start()
     real.close()
     assert done.wait(5)
+
+
+def test_pairs_nvml_cannot_place_come_from_nvidia_smi_topo(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    from pkg.deviceplugin.topology import smi
+
+    fake = make_fake("pcie-2numa-4", unsupported={"nvmlDeviceGetTopologyCommonAncestor"})
+    words = [[link.word for link in row] for row in fake.topo.matrix()]
+    header = "\t" + "\t".join(f"GPU{i}" for i in range(4)) + "\tCPU Affinity\tNUMA Affinity"
+    rows = [f"GPU{i}\t" + "\t".join(r) + "\t0-31\t0" for i, r in enumerate(words)]
+    text = "\n".join([header, *rows, "", "Legend:", "  X    = Self"]) + "\n"
+    calls: list[int] = []
+
+    def from_smi() -> dict[tuple[int, int], Link]:
+        calls.append(1)
+        return smi.parse_topo_matrix(text)
+
+    topo = RealBackend(fake.module(), sysfs_root=sysfs, smi_links=from_smi).discover()
+    assert topo == fake.topo
+    assert calls == [1]
+
+
+def test_a_failing_nvidia_smi_leaves_the_numa_guess(make_fake: MakeFake, sysfs: Path) -> None:
+    from pkg.deviceplugin.topology.smi import SmiError
+
+    fake = make_fake("pcie-2numa-4", unsupported={"nvmlDeviceGetTopologyCommonAncestor"})
+
+    def broken() -> dict[tuple[int, int], Link]:
+        raise SmiError("nvidia-smi: not found")
+
+    topo = RealBackend(fake.module(), sysfs_root=sysfs, smi_links=broken).discover()
+    for (a, b), link in topo.links.items():
+        same = topo.gpu(a).numa_node == topo.gpu(b).numa_node
+        assert link.kind is (LinkKind.NODE if same else LinkKind.SYS)
