@@ -1,0 +1,130 @@
+package conformance
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+)
+
+// slowRegistration serves the Registration API on the kubelet.sock the plugin
+// knows, waits, and forwards each Register to the real manager, whose own
+// kubelet.sock is in another directory (the endpoint is rewritten to point
+// back at the plugin's directory). It models a kubelet slow to answer
+// Register: the real one dials the plugin back (grpc.WithBlock, up to 10 s)
+// and calls GetDevicePluginOptions before Register returns.
+type slowRegistration struct {
+	pluginapi.UnimplementedRegistrationServer
+	backend  string // the manager's kubelet.sock
+	prefix   string // endpoint prefix, relative to the manager's directory
+	delay    time.Duration
+	mu       sync.Mutex
+	received []string
+	results  []string
+}
+
+func (s *slowRegistration) Register(_ context.Context, r *pluginapi.RegisterRequest) (*pluginapi.Empty, error) {
+	s.mu.Lock()
+	s.received = append(s.received, r.ResourceName)
+	s.mu.Unlock()
+	time.Sleep(s.delay)
+	conn, err := grpc.NewClient("unix://"+s.backend, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	fwd := proto.Clone(r).(*pluginapi.RegisterRequest)
+	fwd.Endpoint = s.prefix + r.Endpoint
+	_, err = pluginapi.NewRegistrationClient(conn).Register(ctx, fwd)
+	s.mu.Lock()
+	s.results = append(s.results, fmt.Sprintf("%s: %v", r.ResourceName, err))
+	s.mu.Unlock()
+	return &pluginapi.Empty{}, err
+}
+
+func (s *slowRegistration) log() ([]string, []string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.received...), append([]string(nil), s.results...)
+}
+
+// The kubelet may be slow. Register returns only after the kubelet has dialed
+// the plugin back and called GetDevicePluginOptions; if the plugin gives up
+// waiting and registers the same endpoint again while the first attempt
+// succeeds, the real manager answers "device plugin already connected" and,
+// in doing so, drops its record of the live connection: from then on it
+// never notices the plugin going away (its seats stay allocatable) and it
+// refuses every later Register from that socket until the kubelet restarts.
+// Here Register takes 3 s.
+func TestSlowKubeletRegistration(t *testing.T) {
+	n := newNode(t)
+	managerDir := filepath.Join(n.root, "kubelet")
+	if err := os.MkdirAll(managerDir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	w := &world{n: n, pods: newPodStore(), pl: loadPlan(t, configFlags(nil)...)}
+	_, gpus := fixture(t, "dgx-a100")
+	w.minors = minorsOf(gpus)
+	w.k = startKubelet(t, managerDir, n.podResSock, w.pods)
+
+	proxy := &slowRegistration{
+		backend: filepath.Join(managerDir, "kubelet.sock"),
+		prefix:  "../device-plugins/",
+		delay:   3 * time.Second,
+	}
+	ln, err := net.Listen("unix", filepath.Join(n.kubeletDir, "kubelet.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	pluginapi.RegisterRegistrationServer(srv, proxy)
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(srv.Stop)
+
+	w.p = startPlugin(t, n)
+	took := w.waitFull(t, startTimeout, "every profile registers through a slow kubelet")
+	t.Logf("registered through a 3 s Register in %v", took.Round(time.Millisecond))
+	time.Sleep(4 * time.Second) // let any retry in flight arrive
+	received, results := proxy.log()
+	t.Logf("Register calls: %v", received)
+	t.Logf("Register results: %v", results)
+
+	w.p.kill()
+	if err := waitFor(settleTimeout, w.k.wantCounts(w.full(), map[string]int64{res1x: 0, res2x: 0})); err != nil {
+		t.Errorf("plugin killed, but the kubelet still offers its seats: %v.\n"+
+			"The plugin sent %d Register calls for %d resources (%v), results %v: a Register repeated while the "+
+			"kubelet's first one was still in progress leaves the kubelet with a connection it no longer tracks. "+
+			"Wait for Register longer than the kubelet may take (it dials back with a 10 s timeout), and do not "+
+			"resend a Register for an endpoint the kubelet may already have.", err, len(received), len(w.pl), received, results)
+	}
+	_, before := proxy.log()
+	w.p.start()
+	eventually(t, startTimeout, "the restarted plugin registers every profile again", func() error {
+		_, results := proxy.log()
+		ok := map[string]bool{}
+		for _, r := range results[len(before):] {
+			for res := range w.pl {
+				if r == res+": <nil>" {
+					ok[res] = true
+				}
+			}
+		}
+		if len(ok) != len(w.pl) {
+			return fmt.Errorf("Register results since the restart: %v", results[len(before):])
+		}
+		return nil
+	})
+	w.waitFull(t, settleTimeout, "the restarted plugin's seats are allocatable")
+	w.check(t, w.admit(t, pod1("a", res1x, 1)), "main", res1x)
+}
