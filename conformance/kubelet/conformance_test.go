@@ -524,7 +524,7 @@ func TestReleaseBumpsGeneration(t *testing.T) {
 		}
 		want = gen + 1
 		// Let a reconcile see the pod in List, then delete it.
-		time.Sleep(1500 * time.Millisecond)
+		time.Sleep(2 * time.Second)
 		w.pods.remove(h.pod)
 		if name == "b" {
 			if code := w.p.stop(); code != 0 {
