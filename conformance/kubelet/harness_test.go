@@ -879,14 +879,10 @@ func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, cdi 
 	return b
 }
 
-// seatOf returns the one seat and its generation of a single-seat binding.
+// seat returns the one seat and its generation of a single-seat binding.
 func (b binding) seat() (string, int) {
 	for s, g := range b.gens {
 		return s, g
 	}
 	return "", 0
-}
-
-func ctxTimeout(d time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), d)
 }
