@@ -20,7 +20,7 @@ class RegistrationError(Exception):
 
 
 def register(
-    kubelet_socket: Path, resource: ResourceName, endpoint: str, timeout_s: float = 2.0
+    kubelet_socket: Path, resource: ResourceName, endpoint: str, timeout_s: float = 10.0
 ) -> None:
     """One Register call; the plugin's socket must already be serving."""
     try:
