@@ -11,7 +11,6 @@ generated: ``write`` replaces it and ``check`` reports anything that differs.
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -30,7 +29,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from codegen import stubs
+from codegen import stubs, tree
 from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config, loc_text
 
@@ -199,29 +198,18 @@ def generate(repo_root: Path) -> dict[str, bytes]:
 
 def write(repo_root: Path) -> None:
     """Replace the output directory with freshly rendered manifests, dropping stale ones."""
-    rendered = generate(repo_root)
-    output = repo_root / OUTPUT_ROOT
-    if output.exists():
-        shutil.rmtree(output)
-    for path, content in rendered.items():
-        target = repo_root / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
+    tree.replace(repo_root, OUTPUT_ROOT, generate(repo_root))
 
 
 def check(repo_root: Path) -> list[str]:
     """One line per manifest that is stale, missing or extra; empty when fresh."""
-    expected = generate(repo_root)
-    actual = stubs._files_under(repo_root, OUTPUT_ROOT)
-    problems: list[str] = []
-    for path in sorted(expected.keys() | actual):
-        if path not in actual:
-            problems.append(f"{path}: missing; run `{REGENERATE}`")
-        elif path not in expected:
-            problems.append(f"{path}: not rendered from {DEPLOYMENT}; run `{REGENERATE}`")
-        elif (repo_root / path).read_bytes() != expected[path]:
-            problems.append(f"{path}: stale; run `{REGENERATE}`")
-    return problems
+    return tree.compare(
+        repo_root,
+        OUTPUT_ROOT,
+        generate(repo_root),
+        regenerate=REGENERATE,
+        extra=f"not rendered from {DEPLOYMENT}",
+    )
 
 
 def load_deployment(repo_root: Path) -> Deployment:
