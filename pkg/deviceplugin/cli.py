@@ -30,6 +30,7 @@ from pkg.deviceplugin.config import loader as config_loader
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.nvml.backend import Backend, NvmlError
 from pkg.deviceplugin.server.runtime import ConfigSource
+from pkg.deviceplugin.types import Topology
 
 log = logging.getLogger("kyb-device-plugin")
 
@@ -166,27 +167,35 @@ def _mock_choice(args: argparse.Namespace) -> str | None:
     return str(value) if value else None
 
 
-def _discovering_backend(args: argparse.Namespace) -> Backend:
+def _discover(args: argparse.Namespace) -> tuple[Backend, Topology]:
+    """The chosen backend and its first discovery; a node without a GPU is one line."""
     mock = _mock_choice(args)
     backend = open_backend(mock, args.nvml_library or os.environ.get("KYB_NVML_LIBRARY"))
-    if mock is None:
-        try:
-            backend.discover()
-        except NvmlError as exc:
-            from pkg.deviceplugin.nvml import fixtures
+    try:
+        return backend, backend.discover()
+    except NvmlError as exc:
+        backend.close()
+        if mock is not None:
+            raise
+        from pkg.deviceplugin.nvml import fixtures
 
-            raise NvmlError(
-                f"no usable NVIDIA GPU: {exc}; for a node without GPUs pass --nvml-mock "
-                f"with a topology file or one of: {', '.join(fixtures.FIXTURES)}"
-            ) from exc
-    return backend
+        raise NvmlError(
+            f"no usable NVIDIA GPU: {exc}; for a node without GPUs pass --nvml-mock "
+            f"with a topology file or one of: {', '.join(fixtures.FIXTURES)}"
+        ) from exc
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from pkg.deviceplugin.server.runtime import Runtime
 
-    backend = _discovering_backend(args)
-    runtime = Runtime(config, backend, source=_config_source(args), dev_root=Path(args.dev_root))
+    backend, topology = _discover(args)
+    runtime = Runtime(
+        config,
+        backend,
+        topology=topology,
+        source=_config_source(args),
+        dev_root=Path(args.dev_root),
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -213,11 +222,8 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def _plan(args: argparse.Namespace, config: Config) -> int:
-    backend = _discovering_backend(args)
-    try:
-        topology = backend.discover()
-    finally:
-        backend.close()
+    backend, topology = _discover(args)
+    backend.close()
     doc = report.plan_document(config, topology)
     _emit(args.output, doc, lambda out: report.print_plan(doc, topology, out))
     return EXIT_OK

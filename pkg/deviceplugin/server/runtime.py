@@ -112,13 +112,15 @@ class Runtime:
         config: Config,
         backend: Backend,
         *,
+        topology: Topology | None = None,
         source: ConfigSource | None = None,
         dev_root: Path = Path("/"),
     ) -> None:
+        """``topology``: a discovery the caller already made (else the backend's now)."""
         self.config = config
         self.backend = backend
         self.source = source
-        self.topology = backend.discover()
+        self.topology = topology if topology is not None else backend.discover()
         self.board = SeatBoard(
             build_layout(config, self.topology),
             policy_of(config),
