@@ -44,6 +44,10 @@ def device_message(view: DeviceView) -> api_pb2.Device:
     )
 
 
+def _list_response(devices: list[DeviceView]) -> api_pb2.ListAndWatchResponse:
+    return api_pb2.ListAndWatchResponse(devices=[device_message(d) for d in devices])
+
+
 class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
     def __init__(
         self,
@@ -70,13 +74,17 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> Iterator[api_pb2.ListAndWatchResponse]:
         version = self._board.version
-        last: list[DeviceView] | None = None
+        last = self._board.devices(self.resource)
+        yield _list_response(last)
         while not self._stopped.is_set() and context.is_active() and not self._board.closed:
+            changed = self._board.wait_for_change(version, STREAM_POLL_S)
+            if changed == version:
+                continue  # an idle wake-up, only to notice a stop
+            version = changed
             devices = self._board.devices(self.resource)
             if devices != last:
                 last = devices
-                yield api_pb2.ListAndWatchResponse(devices=[device_message(d) for d in devices])
-            version = self._board.wait_for_change(version, STREAM_POLL_S)
+                yield _list_response(devices)
 
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
