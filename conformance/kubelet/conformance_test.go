@@ -8,9 +8,13 @@ package conformance
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -38,7 +42,7 @@ func configFlags(extra []string) []string {
 	var out []string
 	for i := 0; i < len(extra); i++ {
 		switch extra[i] {
-		case "--kubelet-dir", "--state-dir", "--pod-resources-socket":
+		case "--kubelet-dir", "--state-dir", "--pod-resources-socket", "--metrics-address":
 			i++
 		default:
 			out = append(out, extra[i])
@@ -199,10 +203,14 @@ func TestEveryProfileRegisters(t *testing.T) {
 	}
 }
 
-// Allocation through the manager, which calls GetPreferredAllocation (when
-// the request is smaller than what is available) and then Allocate.
+// Allocation through the manager, which calls GetPreferredAllocation and then
+// Allocate. The plugin's metrics count the GetPreferredAllocation calls.
 func TestAllocateThroughTheManager(t *testing.T) {
-	w := setup(t, "--allow-overprovision", "true")
+	metrics := freeAddress(t)
+	w := setup(t, "--allow-overprovision", "true", "--metrics-address", metrics)
+	asked := func(resource string) float64 {
+		return scrape(t, metrics, "kyb_preferred_allocation_seconds_count", resource)
+	}
 
 	a := w.check(t, w.admit(t, pod1("a", res1x, 1)), "main", res1x)
 	seatA, genA := a.seat()
@@ -235,13 +243,58 @@ func TestAllocateThroughTheManager(t *testing.T) {
 	}
 	t.Logf("d: %v", d.envs)
 
-	// A request as large as every free seat: the manager skips
-	// GetPreferredAllocation and sends Allocate straight away.
+	// A request as large as every free seat: without a NUMA hint (the default
+	// topology manager policy "none" gives none) the manager still asks
+	// GetPreferredAllocation, with every free seat as available.
 	free := int64(w.pl.seatCount(res2x) - 1)
+	before := asked(res2x)
 	e := w.check(t, w.admit(t, pod1("e", res2x, free)), "main", res2x)
 	if int64(e.ids.Len()) != free {
 		t.Errorf("e: %d seats, want %d", e.ids.Len(), free)
 	}
+	if after := asked(res2x); after != before+1 {
+		t.Errorf("GetPreferredAllocation calls for e: %v -> %v, want one more", before, after)
+	}
+	if n := asked(res1x); n != 3 {
+		t.Errorf("GetPreferredAllocation calls for 1x: %v, want 3 (a, b, d)", n)
+	}
+}
+
+// freeAddress is a loopback address with a port nothing listens on now.
+func freeAddress(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// scrape reads one sample of a Prometheus text exposition, labelled with the
+// resource.
+func scrape(t *testing.T, address, name, resource string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + address + "/metrics")
+	if err != nil {
+		t.Fatalf("scraping the plugin's metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefix := fmt.Sprintf("%s{resource=%q} ", name, resource)
+	for _, line := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(line, prefix) {
+			v, err := strconv.ParseFloat(strings.TrimPrefix(line, prefix), 64)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return v
+		}
+	}
+	return 0
 }
 
 // The kubelet calls Allocate again, with the same device IDs, when an init

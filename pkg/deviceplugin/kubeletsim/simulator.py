@@ -1,15 +1,31 @@
 """A kubelet stand-in for tests and the demo, speaking the real protos over Unix sockets.
 
-It behaves like the kubelet's device manager where the plugin can tell:
-- serves ``Registration`` on ``<dir>/kubelet.sock``; ``Register`` validates the API
-  version and resource name, then (asynchronously, as the kubelet does) dials the
-  plugin's socket, asks ``GetDevicePluginOptions`` and consumes ``ListAndWatch``;
-- when a plugin's stream ends, its devices count as unhealthy until it registers again;
+It behaves like the kubelet's device manager (checked against the real one at
+k8s.io/kubernetes v1.37.2, see ``conformance/kubelet/README.md``) where the plugin can
+tell:
+- serves ``Registration`` on ``<dir>/kubelet.sock``. ``Register`` is synchronous: it
+  validates the API version and resource name, then, inside the call and under the
+  caller's deadline (at most ``DIAL_TIMEOUT_S``), dials the plugin's socket and asks
+  ``GetDevicePluginOptions``; any failure is the ``Register`` error. Only then does it
+  answer, and it consumes ``ListAndWatch`` in the background;
+- a second ``Register`` for a socket it is connected to is refused with "device
+  plugin already connected", and, as in the real manager, the refusal drops its record
+  of the live connection: it no longer notices that stream ending (the devices stay as
+  they were) and refuses that socket until it restarts;
+- when a plugin's stream ends, its devices count as unhealthy and it does not
+  reconnect: the plugin must register again;
 - admits pods container by container: init containers first, their devices reused by
-  the app containers; ``GetPreferredAllocation`` only when the plugin offers it and the
-  choice is not forced; then ``Allocate`` with the chosen IDs;
-- serves PodResources ``List`` from its bindings (app containers only, as the kubelet
-  does) and can delete pods;
+  the app containers; ``GetPreferredAllocation`` whenever the plugin offers it and
+  devices are needed beyond the reused ones (even all that are left: without a NUMA
+  hint, the kubelet's default, the manager always asks), with the reused IDs both in
+  ``available_deviceIDs`` and ``must_include_deviceIDs``; its answer is intersected
+  with what is available and a short one filled from the rest; then ``Allocate`` with
+  the chosen IDs. Device IDs reach the plugin in random order, as Go set iteration
+  gives them;
+- a resource the node does not advertise fails admission (the scheduler would never
+  have placed the pod here; the real manager alone would admit it without devices);
+- serves PodResources ``List`` from its bindings (app containers only, one entry per
+  device, as the kubelet does) and can delete pods;
 - ``restart()`` stops serving, wipes every socket in the directory and serves a new
   ``kubelet.sock``, keeping its allocations (the kubelet's checkpoint).
 """
@@ -19,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -36,6 +54,8 @@ log = logging.getLogger(__name__)
 KUBELET_SOCKET = "kubelet.sock"
 CHECKPOINT = "kubelet_internal_checkpoint"
 SUPPORTED_VERSIONS = ("v1beta1",)
+# The kubelet's dial-back gives up after this long (under the Register deadline).
+DIAL_TIMEOUT_S = 10.0
 
 
 class AdmissionError(Exception):
@@ -51,6 +71,9 @@ class Endpoint:
     stub: api_pb2_grpc.DevicePluginStub
     devices: dict[str, str] = field(default_factory=dict)
     connected: bool = True
+    # False once a refused second Register dropped the kubelet's record of it: its
+    # stream ending then goes unnoticed, as in the real manager.
+    tracked: bool = True
     updates: int = 0
     registrations: int = 1
 
@@ -78,12 +101,30 @@ class Pod:
 
 
 class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
-    def __init__(self, kubelet_dir: Path, pod_resources_socket: Path) -> None:
+    def __init__(
+        self,
+        kubelet_dir: Path,
+        pod_resources_socket: Path,
+        *,
+        seed: int | None = None,
+        register_reply_delay_s: float = 0.0,
+    ) -> None:
+        """``register_reply_delay_s`` holds each ``Register`` answer after the work is
+        done (dialed back, connected): a loaded kubelet, or a reply late on the way."""
         self.kubelet_dir = kubelet_dir
         self.pod_resources_socket = pod_resources_socket
+        self.register_reply_delay_s = register_reply_delay_s
+        # The primary endpoint per resource (the last one connected), as the kubelet's
+        # ``endpoints`` map; ``_connected`` is its ``endpointStore`` by socket path.
         self.endpoints: dict[str, Endpoint] = {}
+        self._connected: dict[tuple[str, str], Endpoint] = {}
         self.pods: dict[tuple[str, str], Pod] = {}
         self.register_errors: list[str] = []
+        self.register_calls: list[str] = []
+        self.registers_in_flight = 0
+        self.max_registers_in_flight = 0
+        self.preferred_calls = 0
+        self._random = random.Random(seed)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._registration: grpc.Server | None = None
@@ -116,6 +157,9 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
             for endpoint in self.endpoints.values():
                 endpoint.connected = False
                 endpoint.channel.close()
+            for endpoint in self._connected.values():
+                endpoint.channel.close()
+            self._connected.clear()
             self._changed.notify_all()
         for entry in self.kubelet_dir.iterdir():
             if entry.name != CHECKPOINT:
@@ -147,14 +191,28 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
     def Register(
         self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext
     ) -> api_pb2.Empty:
-        problem = self._validate(request)
-        if problem is not None:
-            self.register_errors.append(problem)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        threading.Thread(
-            target=self._connect, args=(request,), name=f"sim-{request.resource_name}", daemon=True
-        ).start()
-        return api_pb2.Empty()
+        with self._lock:
+            self.register_calls.append(request.resource_name)
+            self.registers_in_flight += 1
+            self.max_registers_in_flight = max(
+                self.max_registers_in_flight, self.registers_in_flight
+            )
+        try:
+            problem = self._validate(request)
+            if problem is not None:
+                self.register_errors.append(problem)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            problem = self._connect(request, context)
+            if self.register_reply_delay_s:
+                time.sleep(self.register_reply_delay_s)
+            if problem is not None:
+                self.register_errors.append(problem)
+                context.abort(grpc.StatusCode.UNKNOWN, problem)
+            return api_pb2.Empty()
+        finally:
+            with self._lock:
+                self.registers_in_flight -= 1
+                self._changed.notify_all()
 
     def _validate(self, request: api_pb2.RegisterRequest) -> str | None:
         if request.version not in SUPPORTED_VERSIONS:
@@ -166,41 +224,69 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
             return f"invalid endpoint {request.endpoint!r}"
         return None
 
-    def _connect(self, request: api_pb2.RegisterRequest) -> None:
-        channel = grpc.insecure_channel(f"unix://{self.kubelet_dir / request.endpoint}")
+    def _connect(
+        self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> str | None:
+        """Dial the plugin back and ask its options, inside Register; None when connected."""
+        resource, socket = request.resource_name, request.endpoint
+        remaining = context.time_remaining()
+        timeout = DIAL_TIMEOUT_S if remaining is None else min(DIAL_TIMEOUT_S, remaining)
+        channel = grpc.insecure_channel(f"unix://{self.kubelet_dir / socket}")
         stub = api_pb2_grpc.DevicePluginStub(channel)
         try:
-            options = stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=5)
-            stream = stub.ListAndWatch(api_pb2.Empty())
-        except grpc.RpcError as exc:
-            self.register_errors.append(f"{request.resource_name}: dial back failed: {exc}")
+            grpc.channel_ready_future(channel).result(timeout=max(timeout, 0.0))
+            options = stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=max(timeout, 0.001))
+        except (grpc.RpcError, grpc.FutureTimeoutError) as exc:
             channel.close()
-            return
+            return f"failed to dial device plugin {socket}: {exc}"
+        endpoint = Endpoint(resource, socket, options, channel, stub)
         with self._lock:
-            old = self.endpoints.get(request.resource_name)
-            endpoint = Endpoint(request.resource_name, request.endpoint, options, channel, stub)
+            live = self._connected.get((resource, socket))
+            if live is not None:
+                # The real manager refuses, and its cleanup of the refused client
+                # removes the live client's record too (both have this socket path),
+                # while the endpoint stays: this socket is refused from now on.
+                live.tracked = False
+                channel.close()
+                return f"device plugin already connected: {self.kubelet_dir / socket}"
+            old = self.endpoints.get(resource)
             if old is not None:
                 endpoint.devices = dict(old.devices)
                 endpoint.registrations = old.registrations + 1
-                if old.connected:
-                    old.connected = False
-                    old.channel.close()
-            self.endpoints[request.resource_name] = endpoint
+            self.endpoints[resource] = endpoint
+            self._connected[(resource, socket)] = endpoint
             self._changed.notify_all()
+        threading.Thread(
+            target=self._watch, args=(endpoint,), name=f"sim-{resource}", daemon=True
+        ).start()
+        return None
+
+    def _watch(self, endpoint: Endpoint) -> None:
         try:
-            for update in stream:
+            for update in endpoint.stub.ListAndWatch(api_pb2.Empty()):
                 with self._lock:
                     endpoint.devices = {d.ID: d.health for d in update.devices}
                     endpoint.updates += 1
                     self._changed.notify_all()
-        except grpc.RpcError:
-            pass
+        except (grpc.RpcError, ValueError):
+            pass  # ValueError: the channel was closed under the stream (restart)
         with self._lock:
-            if self.endpoints.get(request.resource_name) is endpoint:
+            if not endpoint.tracked:
+                return  # the kubelet lost track of it: nobody notices the stream ending
+            self._connected.pop((endpoint.resource, endpoint.socket), None)
+            if self.endpoints.get(endpoint.resource) is endpoint:
                 endpoint.connected = False
                 endpoint.devices = {d: "Unhealthy" for d in endpoint.devices}
                 endpoint.updates += 1
+            endpoint.channel.close()
             self._changed.notify_all()
+
+    def disconnect(self, resource: str) -> None:
+        """Drop a plugin's stream from the kubelet's side (what a broken connection does)."""
+        with self._lock:
+            endpoint = self.endpoints.get(resource)
+        if endpoint is not None:
+            endpoint.channel.close()
 
     # ---- observation -------------------------------------------------------------------
 
@@ -268,53 +354,75 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
                 endpoint = self.endpoints.get(resource)
                 if endpoint is None or not endpoint.connected:
                     raise AdmissionError(f"no device plugin registered for {resource}")
-                reuse = list(reusable.get(resource, []))[:count]
+                # As the real manager (devicesToAllocate, no NUMA hint): reusable
+                # devices first, then the plugin's preference among the available
+                # ones, then whatever is left; every set in random order.
+                chosen = self._shuffled(reusable.get(resource, []))[:count]
+                needed = count - len(chosen)
                 free = [d for d in self.healthy(resource) if d not in self.allocated(resource)]
-            needed = count - len(reuse)
+                free = [d for d in self._shuffled(free) if d not in chosen]
             if needed > len(free):
                 raise AdmissionError(
-                    f"{resource}: requested {count}, only {len(free) + len(reuse)} available"
+                    f"{resource}: requested number of devices unavailable: "
+                    f"requested {count}, available {len(free) + len(chosen)}"
                 )
-            chosen = reuse + self._choose(endpoint, free, reuse, needed)
+            if needed:
+                preferred = set(self._preferred(endpoint, free, chosen, count))
+                chosen += [d for d in free if d in preferred][:needed]
+                chosen += [d for d in free if d not in chosen][: count - len(chosen)]
             try:
                 reply = endpoint.stub.Allocate(
                     api_pb2.AllocateRequest(
-                        container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=chosen)]
+                        container_requests=[
+                            api_pb2.ContainerAllocateRequest(devices_ids=self._shuffled(chosen))
+                        ]
                     ),
                     timeout=10,
                 )
             except grpc.RpcError as exc:
                 detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
                 raise AdmissionError(f"{resource}: Allocate failed: {detail}") from exc
+            if not reply.container_responses:
+                raise AdmissionError(f"{resource}: Allocate answered no container response")
             allocation = Allocation(resource, chosen, reply.container_responses[0])
             with self._lock:
                 pod.allocations.setdefault(spec.name, []).append(allocation)
             done.append(allocation)
         return done
 
-    def _choose(
-        self, endpoint: Endpoint, free: list[str], reuse: list[str], needed: int
+    def _shuffled(self, ids: Sequence[str]) -> list[str]:
+        out = list(ids)
+        self._random.shuffle(out)
+        return out
+
+    def _preferred(
+        self, endpoint: Endpoint, free: list[str], chosen: list[str], size: int
     ) -> list[str]:
-        if needed == 0:
+        """The plugin's preference, when it offers one; an error fails the admission."""
+        if not endpoint.options.get_preferred_allocation_available:
             return []
-        if not endpoint.options.get_preferred_allocation_available or needed == len(free):
-            return free[:needed]
-        reply = endpoint.stub.GetPreferredAllocation(
-            api_pb2.PreferredAllocationRequest(
-                container_requests=[
-                    api_pb2.ContainerPreferredAllocationRequest(
-                        available_deviceIDs=free + reuse,
-                        must_include_deviceIDs=reuse,
-                        allocation_size=needed + len(reuse),
-                    )
-                ]
-            ),
-            timeout=10,
-        )
-        picked = [d for d in reply.container_responses[0].deviceIDs if d not in reuse]
-        if len(picked) != needed or not set(picked) <= set(free):
-            raise AdmissionError(f"{endpoint.resource}: bad preferred allocation {picked}")
-        return picked
+        try:
+            reply = endpoint.stub.GetPreferredAllocation(
+                api_pb2.PreferredAllocationRequest(
+                    container_requests=[
+                        api_pb2.ContainerPreferredAllocationRequest(
+                            available_deviceIDs=self._shuffled(free + chosen),
+                            must_include_deviceIDs=self._shuffled(chosen),
+                            allocation_size=size,
+                        )
+                    ]
+                ),
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise AdmissionError(
+                f"{endpoint.resource}: GetPreferredAllocation failed: {detail}"
+            ) from exc
+        self.preferred_calls += 1
+        if not reply.container_responses:
+            return []
+        return list(reply.container_responses[0].deviceIDs)
 
     def delete(self, name: str, namespace: str = "default") -> None:
         with self._lock:
@@ -358,13 +466,15 @@ class _PodResourcesServicer(pr_grpc.PodResourcesListerServicer):
 
     @staticmethod
     def _pod(pod: Pod) -> pr_pb2.PodResources:
-        # Like the kubelet, List shows app containers only, never init containers.
+        # Like the kubelet, List shows app containers only, never init containers, and
+        # one entry per device (per device and NUMA node on the kubelet).
         containers = [
             pr_pb2.ContainerResources(
                 name=spec.name,
                 devices=[
-                    pr_pb2.ContainerDevices(resource_name=a.resource, device_ids=a.device_ids)
+                    pr_pb2.ContainerDevices(resource_name=a.resource, device_ids=[device_id])
                     for a in pod.allocations.get(spec.name, [])
+                    for device_id in a.device_ids
                 ],
             )
             for spec in pod.containers

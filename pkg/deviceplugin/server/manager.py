@@ -6,6 +6,18 @@ every ``WATCH_INTERVAL_S`` that each profile's socket is still ours and that
 ``kubelet.sock`` is the one we registered with; otherwise it re-serves and re-registers.
 Registration retries back off up to ``MAX_BACKOFF_S``; a new ``kubelet.sock`` resets the
 backoff so a restarted kubelet sees every profile again within a second.
+
+Each profile registers in its own thread, so one slow ``Register`` delays no other.
+The kubelet's device manager does its work inside ``Register`` (it dials the plugin
+back and asks ``GetDevicePluginOptions``) and refuses a second ``Register`` for a
+socket it holds, forgetting the live connection as it does (it then never notices
+this plugin going away). So a ``Register`` whose answer failed or came late counts
+as registered when the kubelet did dial back during it, and so does an answer of
+"already connected": in both cases the kubelet has the profile, and asking again can
+only hurt. The kubelet never reconnects a ``ListAndWatch`` stream it lost; when every
+stream of a registered profile has ended for ``STREAM_LOST_S`` while ``kubelet.sock``
+stayed the same, the profile registers again, and so it does when no stream came at
+all within ``NO_STREAM_S`` of a registration (a dial-back that was not the kubelet's).
 """
 
 from __future__ import annotations
@@ -36,6 +48,11 @@ WATCH_INTERVAL_S = 0.1
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 SERVER_WORKERS = 16
+# A registered profile whose ListAndWatch streams all ended this long ago lost the
+# kubelet; one that never got a stream this long after registering was not registered.
+STREAM_LOST_S = 1.0
+NO_STREAM_S = 10.0
+ALREADY_CONNECTED = "already connected"
 
 
 def _inode(path: Path) -> int | None:
@@ -57,6 +74,11 @@ class _Served:
     backoff: float = FIRST_BACKOFF_S
     last_error: str | None = None
     registrations: int = 0
+    attempt: threading.Thread | None = None
+    registered_at: float = 0.0
+    streams_at_registration: int = 0
+    # Since when a registered profile has had no ListAndWatch stream (None: has one).
+    streamless_since: float | None = None
 
 
 class PluginManager:
@@ -68,6 +90,7 @@ class PluginManager:
         *,
         clock: Callable[[], float] = time.monotonic,
         recorder: Recorder | None = None,
+        register_timeout_s: float = registration.TIMEOUT_S,
     ) -> None:
         self._board = board
         self._kubelet_dir = kubelet_dir
@@ -75,6 +98,7 @@ class PluginManager:
         self._pod_resources = pod_resources
         self._clock = clock
         self._recorder = recorder or NullMetrics()
+        self._register_timeout_s = register_timeout_s
         self._served: dict[ResourceName, _Served] = {}
         self._lock = threading.Lock()
         self._kubelet_inode: int | None = None
@@ -119,9 +143,21 @@ class PluginManager:
                 if kubelet_changed:
                     served.next_attempt = now
                     served.backoff = FIRST_BACKOFF_S
+                if served.attempt is not None:
+                    continue  # a Register is on its way
+                self._notice_lost_stream(served, kubelet_inode, now)
                 stale = served.registered_with != kubelet_inode
                 if kubelet_inode is not None and stale and now >= served.next_attempt:
-                    self._register(served, kubelet_inode, now)
+                    self._start_attempt(served, kubelet_inode)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait for every Register on its way to finish (tests and shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            attempts = [s.attempt for s in self._served.values() if s.attempt is not None]
+        for attempt in attempts:
+            attempt.join(max(0.0, deadline - time.monotonic()))
+        return all(not a.is_alive() for a in attempts)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -151,32 +187,95 @@ class PluginManager:
         log.info("serving on %s", path, extra={"resource": resource})
         return _Served(resource, path, server, servicer, _inode(path))
 
-    def _register(self, served: _Served, kubelet_inode: int, now: float) -> None:
-        try:
-            registration.register(self._kubelet_socket, served.resource, served.path.name)
-        except registration.RegistrationError as exc:
-            message = str(exc)
-            if message != served.last_error:
-                log.warning(
-                    "registration with the kubelet failed (%s); retrying with backoff up to %gs",
-                    message,
-                    MAX_BACKOFF_S,
-                    extra={"resource": served.resource},
-                )
-                served.last_error = message
-            served.next_attempt = now + served.backoff
-            served.backoff = min(served.backoff * 2, MAX_BACKOFF_S)
+    def _notice_lost_stream(self, served: _Served, kubelet_inode: int | None, now: float) -> None:
+        servicer = served.servicer
+        if served.registered_with is None or served.registered_with != kubelet_inode:
+            served.streamless_since = None
             return
-        served.registered_with = kubelet_inode
-        served.last_error = None
-        served.backoff = FIRST_BACKOFF_S
-        served.registrations += 1
+        if servicer.streams_active > 0:
+            served.streamless_since = None
+            return
+        if servicer.streams_opened > served.streams_at_registration:
+            if served.streamless_since is None:
+                served.streamless_since = now
+            if now - served.streamless_since < STREAM_LOST_S:
+                return
+            why = "the kubelet's ListAndWatch stream ended and the kubelet does not reconnect"
+        elif now - served.registered_at >= NO_STREAM_S:
+            why = f"the kubelet opened no ListAndWatch stream in {NO_STREAM_S:g}s"
+        else:
+            return
+        log.warning("%s; registering again", why, extra={"resource": served.resource})
+        served.registered_with = None
+        served.streamless_since = None
+        served.next_attempt = now
+
+    def _start_attempt(self, served: _Served, kubelet_inode: int) -> None:
+        served.attempt = threading.Thread(
+            target=self._register,
+            args=(served, kubelet_inode),
+            name=f"register-{socket_name_of(served.resource)}",
+            daemon=True,
+        )
+        served.attempt.start()
+
+    def _register(self, served: _Served, kubelet_inode: int) -> None:
+        """One Register call, in its own thread; records the outcome under the lock."""
+        dialed_before = served.servicer.options_asked
+        streams_before = served.servicer.streams_opened
+        error: str | None = None
+        try:
+            registration.register(
+                self._kubelet_socket,
+                served.resource,
+                served.path.name,
+                timeout_s=self._register_timeout_s,
+            )
+        except registration.RegistrationError as exc:
+            error = str(exc)
+        dialed_back = served.servicer.options_asked > dialed_before
+        with self._lock:
+            served.attempt = None
+            if self._served.get(served.resource) is not served:
+                return  # stopped meanwhile
+            now = self._clock()
+            if error is not None and (ALREADY_CONNECTED in error or dialed_back):
+                if error != served.last_error:
+                    log.warning(
+                        "Register failed (%s), but %s: counting the profile as registered "
+                        "and not asking again",
+                        error,
+                        "the kubelet holds this socket already"
+                        if ALREADY_CONNECTED in error
+                        else "the kubelet dialed back and asked for the options",
+                        extra={"resource": served.resource},
+                    )
+            elif error is not None:
+                if error != served.last_error:
+                    log.warning(
+                        "registration with the kubelet failed (%s); retrying with backoff "
+                        "up to %gs",
+                        error,
+                        MAX_BACKOFF_S,
+                        extra={"resource": served.resource},
+                    )
+                served.last_error = error
+                served.next_attempt = now + served.backoff
+                served.backoff = min(served.backoff * 2, MAX_BACKOFF_S)
+                return
+            served.registered_with = kubelet_inode
+            served.registered_at = now
+            served.streams_at_registration = streams_before
+            served.last_error = error
+            served.backoff = FIRST_BACKOFF_S
+            served.registrations += 1
+            first = served.registrations == 1
         log.info(
             "registered with the kubelet (%s)",
-            "first time" if served.registrations == 1 else f"#{served.registrations}",
+            "first time" if first else f"#{served.registrations}",
             extra={"resource": served.resource},
         )
-        self._recorder.registered(served.resource, first=served.registrations == 1)
+        self._recorder.registered(served.resource, first=first)
 
     def _stop_one(self, served: _Served, *, remove_socket: bool = True) -> None:
         served.servicer.stop()

@@ -61,6 +61,12 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         self._pod_resources = pod_resources
         self._recorder = recorder or NullMetrics()
         self._stopped = threading.Event()
+        # What the kubelet did on this socket, for the registration loop: it asks the
+        # options inside Register, and holds a ListAndWatch stream while connected.
+        self._counts = threading.Lock()
+        self.options_asked = 0
+        self.streams_opened = 0
+        self.streams_active = 0
 
     def stop(self) -> None:
         self._stopped.set()
@@ -68,11 +74,19 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
     def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> api_pb2.DevicePluginOptions:
+        with self._counts:
+            self.options_asked += 1
         return plugin_options()
 
     def ListAndWatch(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> Iterator[api_pb2.ListAndWatchResponse]:
+        with self._counts:
+            self.streams_opened += 1
+            self.streams_active += 1
+        if not context.add_callback(self._stream_ended):
+            self._stream_ended()
+            return
         version = self._board.version
         last = self._board.devices(self.resource)
         yield _list_response(last)
@@ -85,6 +99,10 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
             if devices != last:
                 last = devices
                 yield _list_response(devices)
+
+    def _stream_ended(self) -> None:
+        with self._counts:
+            self.streams_active -= 1
 
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext

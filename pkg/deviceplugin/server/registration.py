@@ -13,6 +13,8 @@ from pkg.deviceplugin.types import ResourceName
 
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
+# The kubelet dials the plugin back inside Register and gives that up to 10 s itself.
+TIMEOUT_S = 10.0
 
 
 class RegistrationError(Exception):
@@ -20,7 +22,7 @@ class RegistrationError(Exception):
 
 
 def register(
-    kubelet_socket: Path, resource: ResourceName, endpoint: str, timeout_s: float = 10.0
+    kubelet_socket: Path, resource: ResourceName, endpoint: str, timeout_s: float = TIMEOUT_S
 ) -> None:
     """One Register call; the plugin's socket must already be serving."""
     try:

@@ -1,0 +1,180 @@
+"""Registration against a kubelet that behaves like the real device manager.
+
+The real manager dials the plugin back inside ``Register``, refuses a second
+``Register`` for a socket it holds (and forgets the live connection as it does), and
+never reconnects a lost ``ListAndWatch`` stream. The plugin manager runs here in
+process with the real seat board and gRPC servers on real Unix sockets; the kubelet
+simulator mirrors those behaviours (its own tests pin them).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.store import StateStore
+from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
+from pkg.deviceplugin.kubeletsim.simulator import KubeletSimulator
+from pkg.deviceplugin.server import registration
+from pkg.deviceplugin.server.manager import PluginManager
+from pkg.deviceplugin.types import socket_name_of
+
+RESOURCES = (R1, R2)
+
+
+@dataclass
+class Node:
+    root: Path
+    kubelet: KubeletSimulator
+    board: SeatBoard
+    manager: PluginManager | None = None
+    stop: threading.Event | None = None
+    loop: threading.Thread | None = None
+
+    def start(self, register_timeout_s: float = registration.TIMEOUT_S) -> PluginManager:
+        self.manager = PluginManager(
+            self.board, self.root / "dp", None, register_timeout_s=register_timeout_s
+        )
+        self.manager.sync()
+        self.stop = threading.Event()
+        self.loop = threading.Thread(target=self.manager.run, args=(self.stop,), daemon=True)
+        self.loop.start()
+        return self.manager
+
+    def shutdown(self) -> None:
+        if self.manager is None:
+            return
+        assert self.stop is not None and self.loop is not None
+        self.stop.set()
+        self.loop.join(5)
+        self.manager.wait_idle(15)
+        self.manager.stop()
+        self.manager = None
+
+    def registered(self, resource: str, times: int = 1) -> bool:
+        endpoint = self.kubelet.endpoints.get(resource)
+        return (
+            endpoint is not None
+            and endpoint.connected
+            and endpoint.registrations >= times
+            and len(self.kubelet.healthy(resource)) == len(endpoint.devices) > 0
+        )
+
+    def wait_registered(self, times: int = 1, timeout_s: float = 10.0) -> bool:
+        return self.kubelet.wait_for(
+            lambda: all(self.registered(r, times) for r in RESOURCES), timeout_s
+        )
+
+    def calls(self, resource: str) -> int:
+        return self.kubelet.register_calls.count(resource)
+
+
+@pytest.fixture
+def make_node() -> Iterator[object]:
+    made: list[Node] = []
+
+    def make(**kubelet_options: float) -> Node:
+        root = Path(tempfile.mkdtemp(prefix="kyb-mgr-", dir="/tmp"))
+        kubelet = KubeletSimulator(root / "dp", root / "pr" / "kubelet.sock", **kubelet_options)
+        kubelet.start()
+        board = SeatBoard(
+            seed_layout(),
+            Policy(allow_overprovision=True),
+            StateStore(root / "state"),
+            release_grace_s=60.0,
+            dev_root=root / "devroot",
+        )
+        node = Node(root, kubelet, board)
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.shutdown()
+        node.kubelet.stop()
+        shutil.rmtree(node.root, ignore_errors=True)
+
+
+def test_profiles_register_in_parallel_and_each_exactly_once(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(register_reply_delay_s=1.5)
+    node.start()
+    assert node.wait_registered(timeout_s=10)
+    # Both Registers were with the slow kubelet at the same time: one slow profile
+    # does not hold up the next.
+    assert node.kubelet.max_registers_in_flight == len(RESOURCES)
+    assert node.manager is not None and node.manager.wait_idle(5)
+    assert all(node.calls(r) == 1 for r in RESOURCES), node.kubelet.register_calls
+
+
+def test_a_register_answer_later_than_the_deadline_counts_once_the_kubelet_dialed_back(
+    make_node, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    # The kubelet connects at once but answers after the plugin gave up waiting.
+    node = make_node(register_reply_delay_s=1.5)
+    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.manager")
+    manager = node.start(register_timeout_s=0.5)
+    assert node.wait_registered()
+    assert manager.wait_idle(5)
+    node.kubelet.wait_for(lambda: node.kubelet.registers_in_flight == 0, 5)
+    # No second Register: it would have been refused ("already connected") and the
+    # kubelet would have lost track of the plugin.
+    assert all(node.calls(r) == 1 for r in RESOURCES), node.kubelet.register_errors
+    assert not any("already connected" in e for e in node.kubelet.register_errors)
+    assert manager.registered() == dict.fromkeys(RESOURCES, True)
+    assert "dialed back" in caplog.text
+    # The kubelet still tracks the plugin: stopping it marks every seat Unhealthy.
+    node.shutdown()
+    assert node.kubelet.wait_for(lambda: all(node.kubelet.healthy(r) == [] for r in RESOURCES), 5)
+
+
+def test_an_already_connected_answer_counts_as_registered_and_is_not_retried(
+    make_node, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    manager = PluginManager(node.board, node.root / "dp", None)
+    node.manager = manager
+    manager.sync()
+    # Someone registered the 1x socket before the loop ran (a previous incarnation's
+    # late Register, say): the kubelet holds it.
+    registration.register(node.root / "dp" / "kubelet.sock", R1, socket_name_of(R1))
+    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.manager")
+    node.stop = threading.Event()
+    node.loop = threading.Thread(target=manager.run, args=(node.stop,), daemon=True)
+    node.loop.start()
+    assert node.wait_registered()
+    assert manager.wait_idle(5)
+    assert node.kubelet.wait_for(lambda: manager.registered()[R1], 5)
+    node.stop.wait(1.0)  # ten more ticks of the watch loop
+    assert node.calls(R1) == 2 and node.calls(R2) == 1, node.kubelet.register_calls
+    assert "already" in caplog.text
+
+
+def test_a_stream_the_kubelet_dropped_makes_the_profile_register_again(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    node.start()
+    assert node.wait_registered()
+    node.kubelet.disconnect(R2)
+    assert node.kubelet.wait_for(lambda: node.kubelet.healthy(R2) == [], 5)
+    # The kubelet does not reconnect; the plugin notices and registers again.
+    assert node.kubelet.wait_for(lambda: node.registered(R2, times=2), 10)
+    assert node.kubelet.endpoints[R1].registrations == 1
+    assert node.calls(R2) == 2
+
+
+def test_a_kubelet_restart_is_followed_by_one_register_per_profile(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    node.start()
+    assert node.wait_registered()
+    node.kubelet.restart()
+    assert node.wait_registered(times=2)
+    assert node.manager is not None and node.manager.wait_idle(5)
+    assert all(node.calls(r) == 2 for r in RESOURCES), node.kubelet.register_calls
+    assert not node.kubelet.register_errors
