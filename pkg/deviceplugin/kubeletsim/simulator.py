@@ -24,6 +24,9 @@ tell:
   gives them;
 - a resource the node does not advertise fails admission (the scheduler would never
   have placed the pod here; the real manager alone would admit it without devices);
+- ``run_options`` merges what every resource's ``Allocate`` answered for one container
+  as the kubelet does: on a duplicate env or annotation the first seen wins, in random
+  resource order, so a container asking for two seat profiles sees one of them;
 - serves PodResources ``List`` from its bindings (app containers only, one entry per
   device, as the kubelet does) and can delete pods;
 - ``restart()`` stops serving, wipes every socket in the directory and serves a new
@@ -89,6 +92,14 @@ class Allocation:
     resource: str
     device_ids: list[str]
     response: api_pb2.ContainerAllocateResponse
+
+
+@dataclass
+class RunOptions:
+    envs: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)  # container path -> host path
+    cdi_devices: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -423,6 +434,28 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
         if not reply.container_responses:
             return []
         return list(reply.container_responses[0].deviceIDs)
+
+    def run_options(self, pod: Pod, container: str) -> RunOptions:
+        """What reaches the container: every resource's answer merged, as the kubelet
+        does (first seen wins on a duplicate key, resources in random map order)."""
+        merged = RunOptions()
+        for allocation in self._shuffled_allocations(pod.allocations.get(container, [])):
+            response = allocation.response
+            for key, value in response.envs.items():
+                merged.envs.setdefault(key, value)
+            for key, value in response.annotations.items():
+                merged.annotations.setdefault(key, value)
+            for spec in response.devices:
+                merged.devices.setdefault(spec.container_path, spec.host_path)
+            for cdi in response.cdi_devices:
+                if cdi.name not in merged.cdi_devices:
+                    merged.cdi_devices.append(cdi.name)
+        return merged
+
+    def _shuffled_allocations(self, allocations: Sequence[Allocation]) -> list[Allocation]:
+        out = list(allocations)
+        self._random.shuffle(out)
+        return out
 
     def delete(self, name: str, namespace: str = "default") -> None:
         with self._lock:

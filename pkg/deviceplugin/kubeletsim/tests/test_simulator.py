@@ -291,3 +291,37 @@ def test_pod_resources_list_has_one_entry_per_device_and_no_init_containers(
     entries = pod.containers[0].devices
     assert len(entries) == 3
     assert all(len(e.device_ids) == 1 and e.resource_name == RESOURCE for e in entries)
+
+
+def test_a_container_with_two_resources_sees_one_answer_per_duplicate_key(
+    world: World,
+) -> None:
+    world.serve_plugin()
+    world.register()
+    other = RecordingPlugin(devices=["o0", "o1"])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    api_pb2_grpc.add_DevicePluginServicer_to_server(other, server)
+    server.add_insecure_port(f"unix://{world.root / 'dp' / 'other.sock'}")
+    server.start()
+    try:
+        registration.register(
+            world.root / "dp" / "kubelet.sock", ResourceName("example.com/other"), "other.sock"
+        )
+        assert world.kubelet.wait_for(
+            lambda: len(world.kubelet.healthy("example.com/other")) == 2, 5.0
+        )
+        seen = set()
+        for round_ in range(8):
+            pod = world.kubelet.admit(
+                f"p{round_}", [ContainerSpec("main", {RESOURCE: 1, "example.com/other": 1})]
+            )
+            answers = {a.response.envs["IDS"] for a in pod.allocations["main"]}
+            merged = world.kubelet.run_options(pod, "main").envs["IDS"]
+            assert merged in answers and len(answers) == 2
+            seen.add(merged[0])
+            world.kubelet.delete(f"p{round_}")
+        # Either resource's answer may win: the kubelet's map order is random.
+        assert seen == {"d", "o"}
+    finally:
+        other.stopped.set()
+        server.stop(grace=None)
