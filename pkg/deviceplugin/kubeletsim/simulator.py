@@ -30,7 +30,8 @@ tell:
 - serves PodResources ``List`` from its bindings (app containers only, one entry per
   device, as the kubelet does) and can delete pods;
 - ``restart()`` stops serving, wipes every socket in the directory and serves a new
-  ``kubelet.sock``, keeping its allocations (the kubelet's checkpoint).
+  ``kubelet.sock``, keeping its allocations (the kubelet's checkpoint); every resource
+  has no device (capacity 0) until its plugin registers again.
 """
 
 from __future__ import annotations
@@ -165,10 +166,13 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
         """What a kubelet restart looks like to plugins: every socket wiped, a new kubelet.sock."""
         self._stop_registration()
         with self._lock:
-            for endpoint in self.endpoints.values():
+            # The new kubelet knows the resources from its checkpoint, with no device
+            # (capacity 0) until their plugins register again.
+            for endpoint in [*self.endpoints.values(), *self._connected.values()]:
+                endpoint.tracked = False
                 endpoint.connected = False
-                endpoint.channel.close()
-            for endpoint in self._connected.values():
+                endpoint.devices = {}
+                endpoint.updates += 1
                 endpoint.channel.close()
             self._connected.clear()
             self._changed.notify_all()

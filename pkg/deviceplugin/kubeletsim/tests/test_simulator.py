@@ -186,8 +186,11 @@ def test_a_second_register_is_refused_and_the_kubelet_loses_track_of_the_plugin(
     with pytest.raises(registration.RegistrationError, match="already connected"):
         world.register()
     assert world.healthy() == sorted(DEVICES)
-    # Only a kubelet restart clears it.
+    # Only a kubelet restart clears it. The new kubelet knows the resource from its
+    # checkpoint, with no device until the plugin registers again.
     world.kubelet.restart()
+    assert world.kubelet.endpoints[RESOURCE].devices == {}
+    assert not world.kubelet.endpoints[RESOURCE].connected
     world.serve_plugin()  # the restart wiped the plugin's socket
     world.register()
     assert world.wait_devices(len(DEVICES))
