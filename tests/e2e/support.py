@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import yaml
 
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.kubeletsim.simulator import KubeletSimulator
@@ -48,6 +49,18 @@ def nvml_args(topology: str, root: Path) -> tuple[list[str], dict[str, str]]:
         topofile.load_topology_file(fixtures.resolve(topology)), root / "nvml-mock.txt"
     )
     return ["--nvml-library", str(mock_library())], {"KYB_NVML_MOCK_TOPOLOGY": str(data)}
+
+
+def write_topology(path: Path, faults: Sequence[topofile.Fault] = (), base: str = TOPOLOGY) -> Path:
+    """A mock topology file: ``base``'s GPUs and links with ``faults`` as its whole script.
+
+    Its path goes where a topology name does (``Node.topology``, ``--nvml-mock``), in
+    both NVML modes.
+    """
+    tf = topofile.load_topology_file(fixtures.resolve(base))
+    scripted = topofile.TopologyFile(gpus=tf.gpus, links=tf.links, faults=tuple(faults))
+    path.write_text(yaml.safe_dump(scripted.to_data(), sort_keys=False))
+    return path
 
 
 def topology_of(name: str = TOPOLOGY) -> Topology:
