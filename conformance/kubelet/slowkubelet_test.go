@@ -66,8 +66,11 @@ func (s *slowRegistration) log() ([]string, []string) {
 // connected" and, in doing so, drops its record of the live connection: from
 // then on it never notices the plugin going away (its seats stay allocatable)
 // and it refuses every later Register from that socket until the kubelet
-// restarts. Here the Register answer arrives 3 s late.
+// restarts. Here the Register answer arrives 12 s late: after the plugin's own
+// 10 s Register deadline, so the plugin sees its Register fail although the
+// kubelet has the profile.
 func TestSlowKubeletRegistration(t *testing.T) {
+	const delay = 12 * time.Second
 	n := newNode(t)
 	managerDir := filepath.Join(n.root, "kubelet")
 	if err := os.MkdirAll(managerDir, 0o750); err != nil {
@@ -81,7 +84,7 @@ func TestSlowKubeletRegistration(t *testing.T) {
 	proxy := &slowRegistration{
 		backend: filepath.Join(managerDir, "kubelet.sock"),
 		prefix:  "../device-plugins/",
-		delay:   3 * time.Second,
+		delay:   delay,
 	}
 	ln, err := net.Listen("unix", filepath.Join(n.kubeletDir, "kubelet.sock"))
 	if err != nil {
@@ -94,11 +97,15 @@ func TestSlowKubeletRegistration(t *testing.T) {
 
 	w.p = startPlugin(t, n)
 	took := w.waitFull(t, startTimeout, "every profile registers through a slow kubelet")
-	t.Logf("registered with Register answers 3 s late in %v", took.Round(time.Millisecond))
-	time.Sleep(4 * time.Second) // let any retry in flight arrive
+	t.Logf("registered with Register answers %v late in %v", delay, took.Round(time.Millisecond))
+	time.Sleep(delay + 2*time.Second) // past the plugin's deadline: any retry would arrive
 	received, results := proxy.log()
 	t.Logf("Register calls: %v", received)
 	t.Logf("Register results: %v", results)
+	if len(received) != len(w.pl) {
+		t.Errorf("the plugin sent %d Register calls (%v) for %d resources; the kubelet had dialed back "+
+			"for each, so a second one can only be refused", len(received), received, len(w.pl))
+	}
 
 	w.p.kill()
 	if err := waitFor(settleTimeout, w.k.wantCounts(w.full(), map[string]int64{res1x: 0, res2x: 0})); err != nil {
