@@ -45,8 +45,13 @@ def seats(resource: str, name: str) -> set[str]:
     return {f"{name}-s{k}" for k in range(SEATS[resource])}
 
 
-def lost(gpu: int, at: float, back_after: float) -> Fault:
+def lost(gpu: int, at: float, back_after: float | None = None) -> Fault:
+    """``gpu`` falls off the bus ``at`` seconds after start, for good without ``back_after``."""
     return Fault(gpu=gpu, at=at, kind="lost", recover_after=back_after)
+
+
+def xid(gpu: int, at: float, number: int) -> Fault:
+    return Fault(gpu=gpu, at=at, kind="xid", xid=number)
 
 
 def script(node: support.Node, *faults: Fault) -> None:
@@ -291,6 +296,23 @@ def test_a_gpu_lost_under_a_held_seat_keeps_its_groups_unhealthy_until_it_return
     log = node.log()
     assert f"GPU {gpu} (" in log and "healthy again" in log
     assert f"GPU {gpu} appeared" not in log
+
+
+@pytest.mark.e2e
+def test_a_gpu_off_the_bus_at_start_does_not_hide_the_other_gpus_critical_xids(
+    node: support.Node,
+) -> None:
+    needs_gpus(2)
+    gone, sick = INDICES[-1], INDICES[0]
+    script(node, lost(gone, 0.0), xid(sick, 2.0, 79))
+    node.config_text = config(overprovision=True)
+    node.start_plugin()
+    assert node.wait_registered((R1, R2)), node.log()
+    assert group(gone) + "-s0" not in devices(node, R1)
+    assert node.kubelet.wait_for(lambda: seats(R1, group(sick)) <= unhealthy(node, R1), 8.0), (
+        node.log()
+    )
+    assert "critical XID 79" in node.log()
 
 
 @pytest.mark.e2e

@@ -80,6 +80,10 @@ class RealBackend:
         self._events_lock = threading.Lock()
         self._event_set: object | None = None
         self._events_supported = True
+        # GPUs not registered for XID events yet (index -> why the last try failed, ""
+        # before the first) and how many GPUs are registered; see _ensure_event_set.
+        self._unwatched: dict[int, str] = {}
+        self._watched = 0
         self._unsupported_errors = tuple(
             cls
             for cls in (
@@ -350,38 +354,75 @@ class RealBackend:
             return ""
 
     def _ensure_event_set(self) -> object | None:
-        if self._event_set is not None or not self._events_supported:
-            return self._event_set
-        self._ensure_init()
+        """The event set, with every GPU that answers registered for critical XIDs.
+
+        A GPU that does not answer now (fell off the bus) must not blind the others: it
+        is left out and registered by a later wait once it answers.
+        """
+        if not self._events_supported:
+            return None
+        if self._event_set is None:
+            self._ensure_init()
+            nvml = self._nvml
+            event_set: object | None = self._optional("event set", nvml.nvmlEventSetCreate)
+            if event_set is None:
+                self._without_events()
+                return None
+            try:
+                count = self._required("device count", nvml.nvmlDeviceGetCount)
+            except NvmlError:
+                self._free(event_set)
+                raise
+            self._event_set = event_set
+            self._unwatched = dict.fromkeys(range(count), "")
+        if self._unwatched:
+            self._watch_unwatched(self._event_set)
+            if not self._watched and not self._unwatched:
+                self._without_events()
+                return None
+        return self._event_set
+
+    def _watch_unwatched(self, event_set: object) -> None:
         nvml = self._nvml
-        event_set: object | None = self._optional("event set", nvml.nvmlEventSetCreate)
-        registered = 0
-        if event_set is not None:
-            count = self._required("device count", nvml.nvmlDeviceGetCount)
-            for index in range(count):
+        for index, failing in sorted(self._unwatched.items()):
+            try:
                 handle = self._required(
                     f"GPU {index} handle", nvml.nvmlDeviceGetHandleByIndex, index
                 )
-                try:
-                    self._call(
-                        f"GPU {index} XID event registration",
-                        nvml.nvmlDeviceRegisterEvents,
-                        handle,
-                        _XID_CRITICAL_ERROR,
-                        event_set,
+                self._call(
+                    f"GPU {index} XID event registration",
+                    nvml.nvmlDeviceRegisterEvents,
+                    handle,
+                    _XID_CRITICAL_ERROR,
+                    event_set,
+                )
+            except _Unsupported as exc:
+                log.debug("%s", exc)
+                del self._unwatched[index]
+                continue
+            except NvmlError as exc:
+                if str(exc) != failing:
+                    log.warning(
+                        "XID events of GPU %d are not watched until it answers: %s",
+                        index,
+                        exc,
+                        extra={"gpu": index},
                     )
-                except _Unsupported as exc:
-                    log.debug("%s", exc)
-                    continue
-                registered += 1
-        if event_set is None or not registered:
-            log.info("NVML reports no XID events on this node: health relies on probes")
-            self._events_supported = False
-            if event_set is not None:
-                self._free(event_set)
-            return None
-        self._event_set = event_set
-        return self._event_set
+                    self._unwatched[index] = str(exc)
+                continue
+            del self._unwatched[index]
+            self._watched += 1
+            if failing:
+                log.info(
+                    "watching XID events of GPU %d now that it answers", index, extra={"gpu": index}
+                )
+
+    def _without_events(self) -> None:
+        log.info("NVML reports no XID events on this node: health relies on probes")
+        self._events_supported = False
+        if self._event_set is not None:
+            self._free(self._event_set)
+            self._event_set = None
 
     def _free(self, event_set: object) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -166,6 +167,52 @@ def test_xid_events_are_reported_with_the_gpus_uuid(make_fake: MakeFake, sysfs: 
     assert real.wait_xid_events(1.0) == [XidEvent(uuids[1], 79), XidEvent(uuids[3], 48)]
     assert fake.calls.count("nvmlEventSetCreate") == 1
     real.close()
+    assert fake.freed == 1
+
+
+def test_a_gpu_lost_when_events_are_set_up_leaves_the_others_watched_until_it_answers(
+    make_fake: MakeFake, sysfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fake = make_fake("flaky-4", lost={2})
+    real = backend(fake, sysfs)
+    assert real.wait_xid_events(0.01) == []
+    assert fake.registered == [0, 1, 3]
+    assert caplog.text.count("XID events of GPU 2 are not watched until it answers") == 1
+    fake.push_xid(1, 79)
+    assert real.wait_xid_events(0.01) == [XidEvent(fake.topo.gpu(1).uuid, 79)]
+    assert caplog.text.count("not watched") == 1  # logged when it changes, not every wait
+    fake.lost.clear()
+    real.wait_xid_events(0.01)
+    assert fake.registered == [0, 1, 3, 2]
+    assert "watching XID events of GPU 2 now that it answers" in caplog.text
+    real.wait_xid_events(0.01)
+    assert fake.registered == [0, 1, 3, 2]
+    assert fake.calls.count("nvmlEventSetCreate") == 1
+
+
+def test_a_node_whose_only_gpu_is_lost_keeps_trying_to_watch_it(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("single-gpu", lost={0})
+    real = backend(fake, sysfs)
+    assert real.wait_xid_events(0.01) == []
+    assert real.wait_xid_events(0.01) == []
+    assert (fake.registered, fake.freed) == ([], 0)
+    fake.lost.clear()
+    fake.push_xid(0, 48)
+    assert real.wait_xid_events(0.01) == [XidEvent(fake.topo.gpu(0).uuid, 48)]
+    real.close()
+    assert fake.freed == 1
+
+
+def test_an_event_set_that_cannot_count_the_gpus_is_freed(make_fake: MakeFake, sysfs: Path) -> None:
+    fake = make_fake("single-gpu")
+    real = backend(fake, sysfs)
+    real.discover()
+    fake.unsupported.add("nvmlDeviceGetCount")
+    with pytest.raises(NvmlError, match="device count"):
+        real.wait_xid_events(0.01)
     assert fake.freed == 1
 
 
