@@ -24,7 +24,7 @@ from collections.abc import Callable
 from bench.node import REPO, RESOURCES, SEATS_PER_GROUP, seat_ids, short_tmpdir, topology_of
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
-from pkg.deviceplugin.allocator.store import StateStore
+from pkg.deviceplugin.allocator.store import StateStore, encode_object
 from pkg.deviceplugin.types import ResourceName, group_size_of
 
 FIXTURE = "nvswitch-16"
@@ -70,18 +70,33 @@ def new_binding() -> None:
         board._lock.acquire()  # the steps, one by one, as allocate runs them
         try:
             version = board.version
-            doc = board._document(with_ledger=True)
-            payload = json.dumps({**doc, "version": 1}, sort_keys=True, indent=1)
+            fields = board._state_fields()
+            payload = encode_object({**fields, "version": "1"})
+            group = next(iter(board.layout.profiles[one_x].groups))
+
+            def from_scratch() -> None:
+                board._encoded.clear()
+                board._encoded_retired = None
+                board._state_fields()
+
             steps = {
                 "_build_snapshot (every seat of every profile)": _ms(
                     lambda: board._build_snapshot(version), 20
                 ),
-                "_document(with_ledger=True)": _ms(lambda: board._document(with_ledger=True), 20),
-                "json.dumps(sort_keys, indent=1)": _ms(
-                    lambda: json.dumps({**doc, "version": 1}, sort_keys=True, indent=1), 20
+                "_bindings_changed_locked (one group, what a new binding pays)": _ms(
+                    lambda: board._bindings_changed_locked({(one_x, group)}), 200
                 ),
-                "json.dumps compact": _ms(lambda: json.dumps(doc, separators=(",", ":")), 20),
-                "StateStore.save (write + 2 fsync + rename)": _ms(lambda: store.save(doc), 20),
+                "_state_fields, one group encoded again": _ms(
+                    lambda: (board._encoded.pop((one_x, group.name), None), board._state_fields()),
+                    200,
+                ),
+                "_state_fields, every group encoded (a full save)": _ms(from_scratch, 20),
+                "json.dumps(sort_keys, indent=1) of the whole document": _ms(
+                    lambda: json.dumps(json.loads(payload), sort_keys=True, indent=1), 20
+                ),
+                "StateStore.write (write + 2 fsync + rename)": _ms(
+                    lambda: store.write(payload), 20
+                ),
                 "allocate, repeat of a bound seat": _ms(
                     lambda: board.allocate(one_x, [[seats[0]]], None), 200
                 ),

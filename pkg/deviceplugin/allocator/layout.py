@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 
 from pkg.deviceplugin.topology import grouping
@@ -47,15 +48,16 @@ class Group:
     name: GroupName
     gpus: tuple[Gpu, ...]
 
-    @property
+    # Derived once per group: the board reads them for every seat it shows.
+    @cached_property
     def indices(self) -> tuple[int, ...]:
         return tuple(g.index for g in self.gpus)
 
-    @property
+    @cached_property
     def uuids(self) -> tuple[str, ...]:
         return tuple(g.uuid for g in self.gpus)
 
-    @property
+    @cached_property
     def numa_nodes(self) -> tuple[int, ...]:
         return tuple(sorted({g.numa_node for g in self.gpus if g.numa_node is not None}))
 

@@ -94,16 +94,24 @@ class Ledger:
             record.binding = None
             record.generation = generation - 1
 
-    def reconcile(self, observed: Mapping[SeatKey, Holder], now: float) -> list[Release]:
-        """Apply one PodResources ``List``: note holders, end bindings with evidence."""
+    def reconcile(
+        self, observed: Mapping[SeatKey, Holder], now: float
+    ) -> tuple[list[Release], list[SeatKey]]:
+        """Apply one PodResources ``List``: note holders, end bindings with evidence.
+
+        Returns the bindings it ended and the seats whose holder it noted anew.
+        """
         releases: list[Release] = []
+        seen: list[SeatKey] = []
         for key, record in self._records.items():
             binding = record.binding
             if binding is None:
                 continue
             holder = observed.get(key)
             if holder is not None:
-                binding.holder = holder
+                if binding.holder != holder:
+                    binding.holder = holder
+                    seen.append(key)
                 continue
             if binding.holder is not None:
                 why = f"holder {binding.holder} is gone from PodResources"
@@ -116,7 +124,7 @@ class Ledger:
                 continue
             record.binding = None
             releases.append(Release(key, binding.generation, why))
-        return releases
+        return releases, seen
 
     # Persistence: the board embeds these per-seat entries in the status-shaped state file.
 

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
+from json.encoder import encode_basestring_ascii as _encode_key
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,21 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
+
+
+def encode(value: Any) -> str:
+    """``value`` as the state file holds it: JSON, keys sorted, compact.
+
+    Compact separators keep json on its C encoder; ``indent`` would force the pure
+    Python one, several milliseconds per save on a 16-GPU node (see bench/README.md).
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def encode_object(fields: Mapping[str, str]) -> str:
+    """A JSON object from already encoded values: ``encode_object({k: encode(v) for k, v
+    in d.items()}) == encode(d)`` for any dict ``d`` with string keys."""
+    return "{" + ",".join(f"{_encode_key(key)}:{fields[key]}" for key in sorted(fields)) + "}"
 
 
 class StateStore:
@@ -49,12 +66,19 @@ class StateStore:
             return None
         return doc
 
-    def save(self, doc: dict[str, Any]) -> None:
-        # Compact separators keep json on its C encoder; ``indent`` would force the pure
-        # Python one, several milliseconds per save on a 16-GPU node (see bench/README.md).
-        payload = json.dumps(
-            {**doc, "version": FORMAT_VERSION}, sort_keys=True, separators=(",", ":")
-        )
+    def save(self, doc: Mapping[str, Any]) -> None:
+        self.save_encoded({key: encode(value) for key, value in doc.items()})
+
+    def save_encoded(self, fields: Mapping[str, str]) -> None:
+        """Save a document given as its top-level fields, each already ``encode``d.
+
+        The board keeps the encoded parts of the document that did not change, so a
+        save re-encodes only what did; the file is the same as ``save`` would write.
+        """
+        self.write(encode_object({**fields, "version": encode(FORMAT_VERSION)}))
+
+    def write(self, payload: str) -> None:
+        """Durably replace the state file with ``payload``."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as handle:

@@ -1,0 +1,177 @@
+"""A new binding updates the board's snapshot and the encoded state file in place (only
+the groups it touches); after any sequence of operations both must equal a full rebuild."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from pkg.deviceplugin.allocator import layout
+from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
+from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.store import StateStore
+from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, four_gpus_in_nvlink_pairs
+from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
+
+TOPOLOGY = four_gpus_in_nvlink_pairs()
+R4 = ResourceName("kyb.ai/gpu-4x-seat")
+SEATS = {
+    R1: [f"G{g}-s{k}" for g in range(4) for k in range(4)],
+    R2: [f"G{p}-s{k}" for p in ("01", "23") for k in range(3)],
+    R4: [f"G0123-s{k}" for k in range(2)],
+}
+GPU_UUIDS = [g.uuid for g in TOPOLOGY.gpus]
+
+
+def build(seats_2x: int) -> layout.Layout:
+    return layout.build(
+        [
+            layout.ProfileSpec(R1, 1, 4),
+            layout.ProfileSpec(R2, 2, seats_2x),
+            layout.ProfileSpec(R4, 4, 2),
+        ],
+        [
+            layout.GroupSpec(GroupName("G01"), (0, 1)),
+            layout.GroupSpec(GroupName("G23"), (2, 3)),
+            layout.GroupSpec(GroupName("G0123"), (0, 1, 2, 3)),
+        ],
+        TOPOLOGY,
+    )
+
+
+class FlakyStore(StateStore):
+    """A state store whose next save can be made to fail, as a full disk would."""
+
+    fail_next = False
+
+    def write(self, payload: str) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(28, "No space left on device")
+        super().write(payload)
+
+
+class IncrementalMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = FlakyStore(Path(tempfile.mkdtemp(prefix="kyb-incremental-")))
+        self.clock = Clock()
+        self.seats_2x = 3
+        self.board = SeatBoard(
+            build(self.seats_2x), Policy(), self.store, release_grace_s=60, clock=self.clock
+        )
+        self.held: dict[tuple[str, str], Holder] = {}
+
+    @rule(
+        resource=st.sampled_from([R1, R2, R4]),
+        picks=st.lists(
+            st.lists(st.integers(0, 15), min_size=1, max_size=3), min_size=1, max_size=2
+        ),
+        observe=st.booleans(),
+        fail=st.booleans(),
+    )
+    def allocate(
+        self, resource: ResourceName, picks: list[list[int]], observe: bool, fail: bool
+    ) -> None:
+        ids = SEATS[resource]
+        requests = [[ids[k % len(ids)] for k in container] for container in picks]
+        self.store.fail_next = fail
+        observed: Any = dict(self.held) if observe else None
+        with contextlib.suppress(AllocationError):
+            self.board.allocate(resource, requests, observed)
+        self.store.fail_next = False
+
+    @rule(resource=st.sampled_from([R1, R2, R4]), k=st.integers(0, 15), seen=st.booleans())
+    def kubelet_reports(self, resource: ResourceName, k: int, seen: bool) -> None:
+        key = (resource, SEATS[resource][k % len(SEATS[resource])])
+        if seen:
+            self.held[key] = Holder("ns", f"pod-{k}", "main")
+        else:
+            self.held.pop(key, None)
+
+    @rule()
+    def reconcile(self) -> None:
+        self.board.reconcile(self.held)  # type: ignore[arg-type]
+
+    @rule(seconds=st.sampled_from([1.0, 61.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @rule(bad=st.sets(st.integers(0, 3), max_size=2))
+    def health(self, bad: set[int]) -> None:
+        self.board.set_unhealthy({GPU_UUIDS[i]: "XID 79" for i in bad})
+
+    @rule(
+        seats_2x=st.integers(1, 3),
+        overprovision=st.booleans(),
+        drain=st.sets(st.sampled_from(["G1", "G23", "G0123"])),
+    )
+    def change_config(self, seats_2x: int, overprovision: bool, drain: set[str]) -> None:
+        self.seats_2x = seats_2x
+        policy = Policy(
+            allow_overprovision=overprovision, drain=frozenset(GroupName(g) for g in drain)
+        )
+        self.board.apply(layout=build(seats_2x), policy=policy)
+
+    @invariant()
+    def snapshot_equals_a_full_rebuild(self) -> None:
+        snapshot = self.board._snapshot  # type: ignore[attr-defined]
+        assert snapshot == self.board._build_snapshot(snapshot.version)  # type: ignore[attr-defined]
+
+    @invariant()
+    def encoded_state_equals_encoding_it_all_again(self) -> None:
+        board: Any = self.board
+        kept = board._state_fields()
+        board._encoded.clear()
+        board._encoded_retired = None
+        assert kept == board._state_fields()
+
+    @invariant()
+    def state_file_holds_every_binding_the_board_shows(self) -> None:
+        doc = json.loads(self.store.path.read_text())
+        for resource in (R1, R2, R4):
+            for view in self.board.seat_views(resource).values():
+                if view.state != "held":
+                    continue
+                group = doc["resources"][resource]["groups"][view.group]
+                saved = group["seats"][view.device_id]
+                assert saved["binding"]["generation"] == view.generation
+
+
+IncrementalMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=30, deadline=None
+)
+TestIncrementalSnapshot = IncrementalMachine.TestCase
+
+
+def test_a_new_binding_keeps_the_device_lists_it_does_not_change(tmp_path: Path) -> None:
+    board = SeatBoard(build(3), Policy(), StateStore(tmp_path), release_grace_s=60)
+    before = {r: board._snapshot.devices[r] for r in (R1, R2, R4)}  # type: ignore[attr-defined]
+    board.allocate(R1, [["G0-s0"]])
+    after = board._snapshot.devices  # type: ignore[attr-defined]
+    # the seat stays healthy (free -> held): its own list is the same object
+    assert after[R1] is before[R1]
+    # G01 and G0123 are fenced now: those lists changed
+    assert after[R2] is not before[R2] and after[R4] is not before[R4]
+    assert not board.devices(R2)[0].healthy
+    assert board.devices(R2)[3].healthy
+
+
+def test_a_repeat_allocate_reaches_the_state_file_at_the_next_save(
+    tmp_path: Path, clock: Clock
+) -> None:
+    board = SeatBoard(build(3), Policy(), StateStore(tmp_path), release_grace_s=60, clock=clock)
+    board.allocate(R1, [["G0-s0"]])
+    clock.now += 5
+    board.allocate(R1, [["G0-s0"]])  # no save: nothing new to promise
+    board.allocate(R1, [["G2-s0"]])
+    doc = json.loads((tmp_path / "state.json").read_text())
+    seat = doc["resources"][R1]["groups"]["G0"]["seats"][DeviceId("G0-s0")]
+    assert seat["binding"]["allocatedAt"] == clock.now
