@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pkg.deviceplugin.allocator import placement, response
 from pkg.deviceplugin.allocator.layout import Group, Layout, Seat, seat_id
@@ -296,19 +296,21 @@ class SeatBoard:
     ) -> list[DeviceId]:
         snapshot = self._snapshot
         views = snapshot.seats.get(resource, {})
+        # The seats of one group in one condition rank alike but for their number:
+        # placement ranks these pools (a few per group), not every available seat.
+        pools: dict[tuple[GroupName, bool], list[DeviceId]] = {}
+        for device_id in dict.fromkeys(cast("Sequence[DeviceId]", available)):
+            view = views.get(device_id)
+            if view is not None:
+                pools.setdefault((view.group, view.state in GOOD_STATES), []).append(device_id)
+        held = snapshot.held_per_group
         candidates = [
-            placement.Candidate(
-                device_id=view.device_id,
-                group=view.group,
-                good=view.state in GOOD_STATES,
-                held_in_group=snapshot.held_per_group.get((resource, view.group), 0),
-            )
-            for device_id in dict.fromkeys(available)
-            if (view := views.get(DeviceId(device_id))) is not None
+            placement.Candidate(group, good, held.get((resource, group), 0), tuple(seats))
+            for (group, good), seats in pools.items()
         ]
         return placement.choose(
             candidates,
-            [DeviceId(d) for d in must_include],
+            cast("Sequence[DeviceId]", must_include),
             size,
             strategy=self._policy.placement,
             closeness=self._closeness(resource),

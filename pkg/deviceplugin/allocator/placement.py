@@ -19,10 +19,17 @@ Strategy = Literal["spread", "pack"]
 
 @dataclass(frozen=True)
 class Candidate:
-    device_id: DeviceId
+    """The available seats of one group that are in one condition (good or not).
+
+    Every ranking criterion but the seat number is the same for all of them, so
+    placement ranks candidates, a few per group, rather than seats: its cost grows with
+    the groups, not with the seats the kubelet offers.
+    """
+
     group: GroupName
     good: bool
     held_in_group: int
+    seats: tuple[DeviceId, ...]
 
 
 def choose(
@@ -35,41 +42,48 @@ def choose(
 ) -> list[DeviceId]:
     """Pick ``size`` seats from ``candidates`` (the kubelet's available list), must-includes first.
 
-    Never returns an ID outside ``candidates``.
+    Never returns an ID outside ``candidates``. Each pick takes the lowest-numbered seat
+    of the best candidate: good before bad, a group not chosen yet, then by held seats
+    (fewest for ``spread``, most for ``pack``), closeness to the groups chosen, name.
     """
-    by_id = {c.device_id: c for c in candidates}
-    chosen: list[Candidate] = []
-    for device_id in dict.fromkeys(must_include):
-        candidate = by_id.get(device_id)
-        if candidate is not None and len(chosen) < size:
-            chosen.append(candidate)
-    taken = {c.device_id for c in chosen}
+    pools = [list(c.seats) for c in candidates]
+    chosen: list[DeviceId] = []
+    groups_chosen: set[GroupName] = set()
     extra_held: dict[GroupName, int] = {}
-    for c in chosen:
-        extra_held[c.group] = extra_held.get(c.group, 0) + 1
-    remaining = [c for c in candidates if c.device_id not in taken]
+
+    def take(i: int, device_id: DeviceId) -> None:
+        pools[i].remove(device_id)
+        chosen.append(device_id)
+        group = candidates[i].group
+        groups_chosen.add(group)
+        extra_held[group] = extra_held.get(group, 0) + 1
+
+    if must_include:
+        owner = {device_id: i for i, pool in enumerate(pools) for device_id in pool}
+        for device_id in dict.fromkeys(must_include):
+            i = owner.get(device_id)
+            if i is not None and len(chosen) < size:
+                take(i, device_id)
     sign = 1 if strategy == "spread" else -1
-    while len(chosen) < size and remaining:
-        groups_chosen = {c.group for c in chosen}
 
-        def key(
-            c: Candidate, groups_chosen: set[GroupName] = groups_chosen
-        ) -> tuple[bool, bool, int, int, str, int]:
-            near = max((closeness(c.group, g) for g in groups_chosen), default=0)
-            return (
-                not c.good,
-                c.group in groups_chosen,
-                sign * (c.held_in_group + extra_held.get(c.group, 0)),
-                -near,
-                c.group,
-                _seat_number(c.device_id),
-            )
+    def key(i: int) -> tuple[bool, bool, int, int, str]:
+        c = candidates[i]
+        near = max((closeness(c.group, g) for g in groups_chosen), default=0)
+        return (
+            not c.good,
+            c.group in groups_chosen,
+            sign * (c.held_in_group + extra_held.get(c.group, 0)),
+            -near,
+            c.group,
+        )
 
-        best = min(remaining, key=key)
-        remaining.remove(best)
-        chosen.append(best)
-        extra_held[best.group] = extra_held.get(best.group, 0) + 1
-    return [c.device_id for c in chosen]
+    live = [i for i, pool in enumerate(pools) if pool]
+    while len(chosen) < size and live:
+        best = min(live, key=key)
+        take(best, min(pools[best], key=_seat_number))
+        if not pools[best]:
+            live.remove(best)
+    return chosen
 
 
 def _seat_number(device_id: str) -> int:
