@@ -14,6 +14,9 @@ Series:
 - ``kyb_allocate_errors_total{resource}``: refused or failed Allocate calls
 - ``kyb_registrations_total{resource,kind}``: ``first`` registration or ``again``
 - ``kyb_config_reloads_total{result}``: ``accepted`` or ``rejected``
+
+``prometheus_client`` (and the HTTP server) are imported only when metrics are on: the
+serving process does not pay their memory when it has no metrics address.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
-from prometheus_client.registry import Collector
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,8 @@ class Metrics:
         status: StatusProvider | None = None,
         gpu_health: GpuHealthProvider | None = None,
     ) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
         self._allocate = Histogram(
             "kyb_allocate_seconds",
@@ -141,7 +147,7 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(status, gpu_health))
+        self.registry.register(cast("Collector", _StateCollector(status, gpu_health)))
 
     def observe_allocate(self, resource: str, seconds: float, ok: bool) -> None:
         self._allocate.labels(resource).observe(seconds)
@@ -172,12 +178,17 @@ class MetricsServer:
     _POLL_S = 0.05
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        from wsgiref.simple_server import make_server
+
+        from prometheus_client import make_wsgi_app
+        from prometheus_client.exposition import ThreadingWSGIServer
+
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family})
         self._server: WSGIServer = make_server(
-            str(sockaddr[0]), port, make_wsgi_app(registry), server_class, _QuietHandler
+            str(sockaddr[0]), port, make_wsgi_app(registry), server_class, _quiet_handler()
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -204,9 +215,14 @@ class MetricsServer:
         self.stop()
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes are not worth a log line each."""
+def _quiet_handler() -> type[WSGIRequestHandler]:
+    from wsgiref.simple_server import WSGIRequestHandler
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """Scrapes are not worth a log line each."""
+
+    return QuietHandler
 
 
 _ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]*)):(?P<port>\d+)$")
@@ -221,8 +237,9 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(match["port"])
 
 
-class _StateCollector(Collector):
-    """Reads seat states and GPU health from their providers at scrape time."""
+class _StateCollector:
+    """Reads seat states and GPU health from their providers at scrape time (a
+    ``prometheus_client`` collector by shape: the registry only calls these methods)."""
 
     def __init__(self, status: StatusProvider | None, gpu_health: GpuHealthProvider | None):
         self._status = status
@@ -260,12 +277,16 @@ class _StateCollector(Collector):
 
 
 def _seats_family() -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(
         "kyb_seats", "Seats per resource, group and state.", labels=["resource", "group", "state"]
     )
 
 
 def _gpu_family() -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(
         "kyb_gpu_healthy", "1 if the GPU is healthy, 0 if not.", labels=["gpu", "uuid"]
     )
