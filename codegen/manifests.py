@@ -4,8 +4,10 @@ The deployment file names the namespace, the image and the node pools; each pool
 its node selector, tolerations, resources and its own plugin config, which is checked
 with the plugin's own loader so a manifest can never ship a config the plugin refuses.
 jinja2 templates under ``codegen/templates/`` turn that into one Namespace, one
-ConfigMap and one DaemonSet per pool. The whole of ``manifests/device-plugin/`` is
-generated: ``write`` replaces it and ``check`` reports anything that differs.
+ConfigMap and one DaemonSet per pool, and a ValidatingAdmissionPolicy with its binding
+that refuses a container asking for seats of more than one of the pools' profiles. The
+whole of ``manifests/device-plugin/`` is generated: ``write`` replaces it and ``check``
+reports anything that differs.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ REGENERATE = "python -m codegen manifests"
 # namespace file sorts first and exists before anything is created inside it.
 FILES = {
     "00-namespace.yaml": "namespace.yaml.j2",
+    "admission.yaml": "admission.yaml.j2",
     "configmap.yaml": "configmap.yaml.j2",
     "daemonset.yaml": "daemonset.yaml.j2",
 }
@@ -50,6 +53,8 @@ NAME = "kyb-device-plugin"
 CONFIGMAP_NAME = "kyb-deviceplugin-config"
 CONFIG_DIR = PurePosixPath("/etc/kyb/device-plugin")
 CONFIG_FILE = "config.yaml"
+# Cluster-scoped: the ValidatingAdmissionPolicy and its binding share this name.
+ADMISSION_POLICY_NAME = f"{NAME}-one-seat-profile-per-container"
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A pool name ends up in object names (`kyb-deviceplugin-config-<pool>`, 63 at most).
@@ -161,6 +166,7 @@ class PoolView:
     tolerations: list[dict[str, Any]]
     resources: dict[str, Any]
     config_yaml: str
+    seat_resources: tuple[str, ...]
     kubelet_dir: str
     pod_resources_dir: str
     pod_resources_socket: str
@@ -170,9 +176,16 @@ class PoolView:
 def generate(repo_root: Path) -> dict[str, bytes]:
     """Render every manifest: repository-relative POSIX path -> content."""
     deployment = load_deployment(repo_root)
+    pools = [pool_view(pool, deployment, i) for i, pool in enumerate(deployment.pools)]
     context = {
         "deployment": deployment,
-        "pools": [pool_view(pool, deployment, i) for i, pool in enumerate(deployment.pools)],
+        "pools": pools,
+        # The admission policy refuses a container that asks for two of these: the
+        # kubelet merges the envs of both Allocate answers and one profile's are lost.
+        # Rendered even when there is only one, where it admits every pod, so adding a
+        # profile to a pool tightens it without a new file.
+        "seat_resources": sorted({r for pool in pools for r in pool.seat_resources}),
+        "admission_policy": ADMISSION_POLICY_NAME,
         "name": NAME,
         "config_dir": str(CONFIG_DIR),
         "config_key": CONFIG_FILE,
@@ -260,6 +273,7 @@ def pool_view(pool: Pool, deployment: Deployment, index: int) -> PoolView:
         tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations],
         resources=pool.resources.model_dump(by_alias=True),
         config_yaml=config_yaml,
+        seat_resources=tuple(config.resources),
         **paths,
     )
 

@@ -2,7 +2,8 @@
 
 Every security promise of SPEC section 6 is asserted on every DaemonSet, both of the
 committed deployment and of a three-pool deployment rendered here, so a template
-change cannot quietly loosen one of them for some pools only.
+change cannot quietly loosen one of them for some pools only. The admission policy's
+CEL is evaluated here (with cel-python) against the pods it must refuse and admit.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import celpy
 import kubernetes_validate
 import pytest
 import yaml
+from celpy import celtypes
 
 from codegen import __main__ as cli
 from codegen import manifests, stubs
@@ -52,6 +55,7 @@ K0S_CONFIG = {
     "podResourcesSocket": "/var/lib/k0s/kubelet/pod-resources/kubelet.sock",
     "stateDir": "/var/lib/k0s/kyb",
 }
+CLUSTER_SCOPED = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 RESOURCES = {
     "requests": {"cpu": "50m", "memory": "96Mi"},
@@ -176,7 +180,13 @@ def test_check_cli_exits_zero_when_fresh() -> None:
 
 def test_committed_default_is_one_pool_with_the_seed_profiles() -> None:
     docs = _documents(REPO_ROOT)
-    assert [doc["kind"] for doc in docs] == ["Namespace", "ConfigMap", "DaemonSet"]
+    assert [doc["kind"] for doc in docs] == [
+        "Namespace",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "ConfigMap",
+        "DaemonSet",
+    ]
     (configmap,) = _of_kind(docs, "ConfigMap")
     assert configmap["metadata"]["name"] == "kyb-deviceplugin-config"
     config = loader.load_text(configmap["data"]["config.yaml"], "configmap")
@@ -418,12 +428,182 @@ def test_several_pools_get_suffixed_names_in_one_namespace(three_pools: Path) ->
         "kyb-device-plugin-h100",
         "kyb-device-plugin-k0s",
     ]
-    assert {doc["metadata"].get("namespace", doc["metadata"]["name"]) for doc in docs} == {
+    namespaced = [doc for doc in docs if doc["kind"] not in CLUSTER_SCOPED]
+    assert {doc["metadata"].get("namespace", doc["metadata"]["name"]) for doc in namespaced} == {
         "gpu-plugins"
     }
     assert {_container(ds)["image"] for ds in _of_kind(docs, "DaemonSet")} == {
         "registry.example/kyb/kyb-device-plugin:1.2.3"
     }
+
+
+# --- admission: one seat profile per container ---------------------------------------
+
+SEAT_1X = "kyb.ai/gpu-1x-seat"
+SEAT_2X = "kyb.ai/gpu-2x-seat"
+SEAT_4X = "kyb.ai/gpu-4x-seat"
+ONE_PROFILE_ONLY = (
+    "; a container may use seats of one profile only (their envs would be merged by the kubelet)"
+)
+
+
+def _cel_join(items: list[str], separator: str = "") -> celtypes.StringType:
+    # cel-go's strings extension, which Kubernetes enables and cel-python lacks.
+    return celtypes.StringType(separator.join(items))
+
+
+def _admission(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = _documents(root)
+    (policy,) = _of_kind(docs, "ValidatingAdmissionPolicy")
+    (binding,) = _of_kind(docs, "ValidatingAdmissionPolicyBinding")
+    return policy, binding
+
+
+def _run_cel(expression: str, pod: dict[str, Any], variables: dict[str, Any]) -> Any:
+    env = celpy.Environment()
+    program = env.program(env.compile(expression), functions={"join": _cel_join})
+    activation = {
+        "object": celpy.json_to_cel(pod),
+        "variables": celtypes.MapType({celtypes.StringType(k): v for k, v in variables.items()}),
+    }
+    return program.evaluate(activation)
+
+
+def _admit(policy: dict[str, Any], pod: dict[str, Any]) -> str | None:
+    """What creating ``pod`` meets: None when admitted, else the policy's message.
+
+    As the API server does: each variable in order, seen by the later ones as
+    ``variables.<name>``, then each validation, its messageExpression when it fails. An
+    expression that cannot be evaluated raises here; under failurePolicy Fail it would
+    refuse the pod.
+    """
+    spec = policy["spec"]
+    variables: dict[str, Any] = {}
+    for variable in spec["variables"]:
+        variables[variable["name"]] = _run_cel(variable["expression"], pod, variables)
+    for validation in spec["validations"]:
+        allowed = _run_cel(validation["expression"], pod, variables)
+        assert isinstance(allowed, celtypes.BoolType)
+        if not allowed:
+            message = _run_cel(validation["messageExpression"], pod, variables)
+            assert isinstance(message, str)
+            return str(message)
+    return None
+
+
+def _asking(name: str, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "image": "registry.example/app:1"}
+    if limits is not None:
+        container["resources"] = {"limits": limits}
+    return container
+
+
+def _workload(
+    containers: list[dict[str, Any]], init_containers: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": containers}
+    if init_containers is not None:
+        spec["initContainers"] = init_containers
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "w"}, "spec": spec}
+
+
+def test_the_admission_policy_refuses_pod_creation_and_is_bound_to_deny() -> None:
+    policy, binding = _admission(REPO_ROOT)
+    assert policy["metadata"]["name"] == binding["metadata"]["name"]
+    assert "namespace" not in policy["metadata"] and "namespace" not in binding["metadata"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert policy["spec"]["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
+    ]
+    (validation,) = policy["spec"]["validations"]
+    # The fallback, should the messageExpression ever fail.
+    assert validation["message"].endswith(ONE_PROFILE_ONLY)
+    assert binding["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "validationActions": ["Deny"],
+    }
+    assert "matchResources" not in binding["spec"]  # every namespace
+
+
+@pytest.mark.parametrize(
+    "pod",
+    [
+        _workload([_asking("main", {SEAT_1X: 1, "cpu": "1"}), _asking("log", {"cpu": "100m"})]),
+        _workload([_asking("main", {SEAT_1X: "2"}), _asking("helper", {SEAT_2X: 1})]),
+        _workload([_asking("main", {SEAT_2X: 1})], [_asking("setup", {SEAT_1X: 1})]),
+        _workload([_asking("main")]),
+        _workload([{**_asking("main"), "resources": {}}]),
+        _workload([{**_asking("main"), "resources": {"requests": {"cpu": "1"}}}], []),
+        # Only the seat resources that some pool serves count.
+        _workload([_asking("main", {SEAT_1X: 1, SEAT_4X: 1, "nvidia.com/gpu": 1})]),
+    ],
+    ids=[
+        "one-profile-per-container",
+        "two-containers-each-its-own-profile",
+        "init-and-main-each-its-own-profile",
+        "no-resources",
+        "empty-resources",
+        "requests-only",
+        "unserved-resources",
+    ],
+)
+def test_the_admission_policy_admits_a_pod_whose_containers_use_one_profile_each(
+    pod: dict[str, Any],
+) -> None:
+    policy, _ = _admission(REPO_ROOT)
+    assert _admit(policy, pod) is None
+
+
+@pytest.mark.parametrize(
+    ("pod", "message"),
+    [
+        (
+            _workload([_asking("main", {SEAT_2X: 1, SEAT_1X: 1, "cpu": "2"})]),
+            f"container main asks for {SEAT_1X} and {SEAT_2X}",
+        ),
+        (
+            _workload(
+                [_asking("main", {SEAT_1X: 1})], [_asking("setup", {SEAT_1X: 1, SEAT_2X: 1})]
+            ),
+            f"init container setup asks for {SEAT_1X} and {SEAT_2X}",
+        ),
+        (
+            _workload(
+                [_asking("ok", {SEAT_1X: 1}), _asking("a", {SEAT_1X: 2, SEAT_2X: "1"})],
+                [_asking("b", {SEAT_1X: 1, SEAT_2X: 1})],
+            ),
+            f"container a asks for {SEAT_1X} and {SEAT_2X}; "
+            f"init container b asks for {SEAT_1X} and {SEAT_2X}",
+        ),
+    ],
+    ids=["container", "init-container", "each-offender-named"],
+)
+def test_the_admission_policy_refuses_a_container_with_seats_of_two_profiles(
+    pod: dict[str, Any], message: str
+) -> None:
+    policy, _ = _admission(REPO_ROOT)
+    assert _admit(policy, pod) == message + ONE_PROFILE_ONLY
+
+
+def test_the_admission_policy_covers_the_seat_resources_of_every_pool(three_pools: Path) -> None:
+    policy, _ = _admission(three_pools)
+    pod = _workload([_asking("main", {SEAT_2X: 1, SEAT_4X: 1})])
+    assert _admit(policy, pod) == f"container main asks for {SEAT_2X} and {SEAT_4X}" + (
+        ONE_PROFILE_ONLY
+    )
+    every = _workload([_asking("main", {SEAT_1X: 1, SEAT_2X: 1, SEAT_4X: 1})])
+    assert _admit(policy, every) == (
+        f"container main asks for {SEAT_1X} and {SEAT_2X} and {SEAT_4X}" + ONE_PROFILE_ONLY
+    )
+
+
+def test_with_one_seat_resource_the_admission_policy_is_rendered_and_admits_every_pod(
+    repo_copy: Path,
+) -> None:
+    deployment = {**THREE_POOLS, "pools": [_pool("h100", "h100", H100_CONFIG)]}
+    policy, _ = _admission(_with_deployment(repo_copy, deployment))
+    pod = _workload([_asking("main", {SEAT_4X: 2, SEAT_1X: 1, SEAT_2X: 1})])
+    assert _admit(policy, pod) is None
 
 
 # --- refusing bad deployments ---------------------------------------------------------
