@@ -364,3 +364,30 @@ def test_json_log_format_writes_one_object_per_line_with_each_events_context(
     assert find("healthy again", gpu=gpu)["level"] == "info"
     find("config reloaded")
     find("stopped")
+
+
+@pytest.mark.e2e
+def test_a_live_log_format_change_applies_at_once_and_a_new_metrics_address_waits_for_a_restart(
+    node: support.Node,
+) -> None:
+    needs_gpus(1)
+    script(node)
+    node.config_text = config(overprovision=True)
+    node.start_plugin()
+    assert node.wait_registered((R1, R2)), node.log()
+    changed = f"logFormat: json\nmetricsAddress: 127.0.0.1:{_free_port()}\n"
+    (node.root / "config.yaml").write_text(config(overprovision=True) + changed)
+    assert node.process is not None
+    node.process.send_signal(signal.SIGHUP)
+    assert support.wait_until(lambda: '"config reloaded' in node.log(), 5.0), node.log()
+    seat = f"{group(INDICES[0])}-s0"
+    assert generation(node, R1, seat) == "1"
+    assert node.stop_plugin() == 0
+    lines = node.log().splitlines()
+    switched = next(i for i, line in enumerate(lines) if line.startswith("{"))
+    assert any("registered with the kubelet" in line for line in lines[:switched])
+    records = [json.loads(line) for line in lines[switched:]]
+    assert [r["msg"] for r in records if r.get("level") == "warning"] == [
+        "config key metricsAddress changed; it takes effect after a restart"
+    ]
+    assert any(r["msg"] == "seat bound" and r.get("seat") == seat for r in records)

@@ -7,8 +7,8 @@ flush.
 Live changes:
 - the config file is polled (``CONFIG_POLL_S``) by content, through whatever symlinks
   a ConfigMap mount swaps, and SIGHUP asks for a reload at once; a valid new config is
-  applied (profiles served or stopped, seat counts, drain, overprovisioning), an invalid
-  one is logged and the old one keeps running;
+  applied (profiles served or stopped, seat counts, drain, overprovisioning, log
+  format), an invalid one is logged and the old one keeps running;
 - the topology is rediscovered every ``refreshInterval``. GPUs are never dropped from
   the layout while the process lives: a GPU that disappears keeps its groups, which go
   Unhealthy through the health monitor and come back with it. A GPU that appears joins
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pkg.deviceplugin import metrics
+from pkg.deviceplugin import logs, metrics
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
 from pkg.deviceplugin.allocator.store import StateStore
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 CONFIG_POLL_S = 1.0
 # Paths name where the plugin talks to the kubelet and keeps its ledger; moving them
 # under a running process would strand sockets and state, so they wait for a restart.
-RESTART_ONLY = ("kubelet_dir", "pod_resources_socket", "state_dir")
+# So does the metrics address: the servers hold the recorder chosen at start.
+RESTART_ONLY = ("kubelet_dir", "pod_resources_socket", "state_dir", "metrics_address")
 
 
 def profile_specs(config: Config) -> list[layout_mod.ProfileSpec]:
@@ -186,8 +187,7 @@ class Runtime:
             return False
         with self._reload_lock:
             try:
-                new = self.source.load()
-                new = self._keep_restart_only(new)
+                new, waiting = self._keep_restart_only(self.source.load())
                 layout = self._layout_for(new)
             except (loader.ConfigError, layout_mod.LayoutError) as exc:
                 for problem in exc.problems:
@@ -195,6 +195,10 @@ class Runtime:
                 log.error("keeping the running config")
                 self.metrics.config_reload(False)
                 return False
+            if new.log_format != self.config.log_format:
+                logs.set_format(new.log_format)
+            for key in waiting:
+                log.warning("config key %s changed; it takes effect after a restart", key)
             self.board.apply(layout=layout, policy=policy_of(new))
             self.health.reconfigure(**self._health_policy(new))
             self.config = new
@@ -237,13 +241,16 @@ class Runtime:
     def _layout_for(self, config: Config) -> layout_mod.Layout:
         return build_layout(config, self.topology, keep=self.board.held_groups())
 
-    def _keep_restart_only(self, new: Config) -> Config:
-        kept = {}
-        for name in RESTART_ONLY:
-            if getattr(new, name) != getattr(self.config, name):
-                log.warning("config key %s changed; it takes effect after a restart", name)
-                kept[name] = getattr(self.config, name)
-        return new.model_copy(update=kept) if kept else new
+    def _keep_restart_only(self, new: Config) -> tuple[Config, list[str]]:
+        """``new`` with the running values of the keys that wait for a restart, and the
+        config keys (as the file spells them) whose change must wait."""
+        kept = {
+            name: getattr(self.config, name)
+            for name in RESTART_ONLY
+            if getattr(new, name) != getattr(self.config, name)
+        }
+        waiting = [Config.model_fields[name].alias or name for name in kept]
+        return (new.model_copy(update=kept) if kept else new), waiting
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.config.reconcile_interval):

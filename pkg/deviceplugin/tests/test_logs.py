@@ -1,0 +1,65 @@
+"""Structured log lines: text by default, JSON on request, the event's context in both."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from pkg.deviceplugin import logs
+
+
+@pytest.fixture
+def root() -> Iterator[logging.Logger]:
+    """The root logger, with its handlers and level put back afterwards."""
+    logger = logging.getLogger()
+    handlers, level = list(logger.handlers), logger.level
+    yield logger
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def _event(name: str = "pkg.deviceplugin.test") -> None:
+    logging.getLogger(name).info(
+        "seat bound", extra={"resource": "kyb.ai/gpu-2x-seat", "seat": "G01-s0", "gpu": 0}
+    )
+
+
+def test_text_lines_carry_the_context_in_brackets(root: logging.Logger) -> None:
+    out = io.StringIO()
+    logs.setup("text", stream=out)
+    _event()
+    line = out.getvalue().rstrip("\n")
+    assert line.endswith("INFO    seat bound [resource=kyb.ai/gpu-2x-seat seat=G01-s0 gpu=0]")
+
+
+def test_json_lines_are_one_object_with_time_level_message_and_context(
+    root: logging.Logger,
+) -> None:
+    out = io.StringIO()
+    logs.setup("json", stream=out)
+    _event()
+    [line] = out.getvalue().splitlines()
+    doc = json.loads(line)
+    assert doc.keys() == {"time", "level", "logger", "msg", "resource", "seat", "gpu"}
+    assert (doc["level"], doc["msg"], doc["gpu"]) == ("info", "seat bound", 0)
+
+
+def test_set_format_switches_the_installed_handler_and_leaves_others_alone(
+    root: logging.Logger,
+) -> None:
+    out, other = io.StringIO(), io.StringIO()
+    logs.setup("text", stream=out)
+    foreign = logging.StreamHandler(other)
+    foreign.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(foreign)
+    logs.set_format("json")
+    _event()
+    assert json.loads(out.getvalue())["msg"] == "seat bound"
+    assert other.getvalue() == "seat bound\n"
+    logs.set_format("text")
+    _event()
+    assert out.getvalue().splitlines()[-1].endswith("seat=G01-s0 gpu=0]")
