@@ -1,11 +1,17 @@
 """Structured logs: one line per event, text or JSON, carrying the resource, group, seat
-and GPU an event concerns (passed as ``extra=``)."""
+and GPU an event concerns (passed as ``extra=``).
+
+Whatever else would write to stderr goes through the same handler once :func:`setup`
+ran: Python warnings, and a thread that dies of an exception (one line; its traceback
+only at debug level), so that a JSON log stays one object per line.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
 from typing import Any, TextIO
 
 CONTEXT_KEYS = ("resource", "group", "seat", "gpu", "generation")
@@ -52,6 +58,23 @@ def setup(fmt: str = "text", level: int = logging.INFO, stream: TextIO | None = 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_death
+
+
+def _log_thread_death(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger(__name__).error(
+        "thread %s stopped: %s: %s",
+        name,
+        args.exc_type.__name__,
+        args.exc_value,
+        exc_info=None
+        if args.exc_value is None
+        else (args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 def set_format(fmt: str) -> None:

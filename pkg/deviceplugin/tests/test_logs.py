@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -14,12 +16,14 @@ from pkg.deviceplugin import logs
 
 @pytest.fixture
 def root() -> Iterator[logging.Logger]:
-    """The root logger, with its handlers and level put back afterwards."""
+    """The root logger; what ``setup`` changes is put back afterwards."""
     logger = logging.getLogger()
-    handlers, level = list(logger.handlers), logger.level
+    handlers, level, hook = list(logger.handlers), logger.level, threading.excepthook
     yield logger
     logger.handlers[:] = handlers
     logger.setLevel(level)
+    threading.excepthook = hook
+    logging.captureWarnings(False)
 
 
 def _event(name: str = "pkg.deviceplugin.test") -> None:
@@ -63,3 +67,33 @@ def test_set_format_switches_the_installed_handler_and_leaves_others_alone(
     logs.set_format("text")
     _event()
     assert out.getvalue().splitlines()[-1].endswith("seat=G01-s0 gpu=0]")
+
+
+def test_a_thread_dying_of_an_exception_is_one_json_line_without_its_traceback(
+    root: logging.Logger,
+) -> None:
+    out = io.StringIO()
+    logs.setup("json", stream=out)
+
+    def boom() -> None:
+        raise RuntimeError("kubelet.sock vanished")
+
+    thread = threading.Thread(target=boom, name="watch-kubelet")
+    thread.start()
+    thread.join()
+    [line] = out.getvalue().splitlines()
+    doc = json.loads(line)
+    assert (doc["level"], doc["msg"]) == (
+        "error",
+        "thread watch-kubelet stopped: RuntimeError: kubelet.sock vanished",
+    )
+    assert "exception" not in doc
+
+
+def test_python_warnings_become_log_lines(root: logging.Logger) -> None:
+    out = io.StringIO()
+    logs.setup("json", stream=out)
+    warnings.warn("old flag", UserWarning, stacklevel=1)
+    [line] = out.getvalue().splitlines()
+    doc = json.loads(line)
+    assert doc["level"] == "warning" and "UserWarning: old flag" in doc["msg"]
