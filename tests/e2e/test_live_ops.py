@@ -215,8 +215,9 @@ def test_a_gpu_that_appears_at_a_topology_refresh_gets_groups_and_seats_without_
     needs_gpus(1)
     late = INDICES[-1]
     before = [i for i in INDICES if i != late]
-    # The last GPU is off the bus at start and comes back after 4 s.
-    script(node, lost(late, 0.0, 4.0))
+    # The last GPU is off the bus at start and comes back after 5 s (time enough to
+    # register and hold a seat first, even on a busy machine).
+    script(node, lost(late, 0.0, 5.0))
     node.extra_args = ("--refresh-interval", "250ms")
     node.start_plugin()
     assert node.wait_registered((R1, R2)), node.log()
@@ -256,8 +257,9 @@ def test_a_gpu_lost_under_a_held_seat_keeps_its_groups_unhealthy_until_it_return
     needs_gpus(1)
     gpu = INDICES[0]
     pair = next((p for p in PAIRS if gpu in p), None)
-    # GPU 0 falls off the bus 4 s after start, for 3 s; topology refreshes run meanwhile.
-    script(node, lost(gpu, 4.0, 3.0))
+    # GPU 0 falls off the bus 5 s after start (time enough to register and hold seats
+    # first, even on a busy machine), for 3 s; topology refreshes run meanwhile.
+    script(node, lost(gpu, 5.0, 3.0))
     node.extra_args = (
         "--refresh-interval",
         "250ms",
@@ -281,6 +283,12 @@ def test_a_gpu_lost_under_a_held_seat_keeps_its_groups_unhealthy_until_it_return
         lambda: all(unhealthy(node, r) == sick[r] for r in (R1, R2)), 8.0
     ), node.log()
     assert {r: devices(node, r) for r in (R1, R2)} == everything
+    # A reload regroups what it may meanwhile: not the held groups, nor the GPU's others.
+    assert node.process is not None
+    node.process.send_signal(signal.SIGHUP)
+    assert support.wait_until(lambda: "config reloaded" in node.log(), 5.0), node.log()
+    assert {r: devices(node, r) for r in (R1, R2)} == everything
+    assert all(unhealthy(node, r) == sick[r] for r in (R1, R2))
     shown = state_groups(node, R1)[group(gpu)]
     assert shown["health"] == "Unhealthy"
     assert shown["seats"][held[R1]]["binding"]["generation"] == 1
