@@ -47,7 +47,7 @@ class Policy:
     device_list_strategy: Literal["envvar", "cdi"] = "envvar"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceView:
     """One seat as a ListAndWatch stream shows it."""
 
@@ -56,7 +56,7 @@ class DeviceView:
     numa_nodes: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SeatView:
     device_id: DeviceId
     state: SeatState

@@ -66,7 +66,7 @@ def seat_id(group: GroupName, k: int) -> DeviceId:
     return DeviceId(f"{group}-s{k}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Seat:
     resource: ResourceName
     device_id: DeviceId

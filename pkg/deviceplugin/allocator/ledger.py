@@ -23,7 +23,7 @@ from pkg.deviceplugin.types import DeviceId, ResourceName
 SeatKey = tuple[ResourceName, DeviceId]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Holder:
     """The container PodResources says holds a seat."""
 
@@ -35,7 +35,7 @@ class Holder:
         return f"{self.namespace}/{self.pod}/{self.container}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Binding:
     """A live binding; it remembers its group and GPUs so it still fences (and shows)
     after a config change removed its seat from the layout."""
@@ -47,7 +47,7 @@ class Binding:
     holder: Holder | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class SeatRecord:
     generation: int = 0
     binding: Binding | None = None
