@@ -3,8 +3,9 @@
 It joins the layout (groups and seats), the ledger (generations and bindings), GPU
 health, and the operator's policy (overprovisioning, drain, placement), and turns them
 into what the servers need: the device list of each resource, Allocate answers,
-preferred allocations, and the status document. Every change bumps a version and wakes
-the ListAndWatch streams. No gRPC, no NVML here.
+preferred allocations, and the status document. Every change bumps a version; one that
+changes a device list also wakes the ListAndWatch streams at once (the others they
+notice at their next poll, and send nothing). No gRPC, no NVML here.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class SeatBoard:
                 answers.append(bound)
             if new:
                 groups = {(resource, seat.group) for seat, _ in new}
-                self._bindings_changed_locked(groups)
+                shown = self._bindings_changed_locked(groups)
                 try:
                     if self._store is not None:
                         self._store.save_encoded(self._state_fields())
@@ -219,7 +220,8 @@ class SeatBoard:
                     raise AllocationError(
                         "unavailable", f"could not persist the seat ledger: {exc}"
                     ) from exc
-                self._changed.notify_all()
+                if shown:
+                    self._changed.notify_all()
                 for seat, generation in new:
                     log.info(
                         "seat bound",
@@ -366,12 +368,16 @@ class SeatBoard:
             return False
         seats = [self._layout.seat(*key) for key in [*(r.key for r in releases), *seen]]
         if all(seats):
-            self._bindings_changed_locked({(s.resource, s.group) for s in seats if s is not None})
+            shown = self._bindings_changed_locked(
+                {(s.resource, s.group) for s in seats if s is not None}
+            )
         else:  # a seat the layout no longer has: its view comes or goes
             self._rebuild_locked()
+            shown = True
         if save:
             self._save()
-        self._changed.notify_all()
+        if shown:
+            self._changed.notify_all()
         return True
 
     def set_unhealthy(self, unhealthy: Mapping[str, str]) -> None:
@@ -521,10 +527,11 @@ class SeatBoard:
         self._encoded_retired = None
         self._snapshot = self._build_snapshot(self._snapshot.version + 1)
 
-    def _bindings_changed_locked(self, groups: Collection[tuple[ResourceName, Group]]) -> None:
+    def _bindings_changed_locked(self, groups: Collection[tuple[ResourceName, Group]]) -> bool:
         """Publish the next snapshot after bindings in these layout groups came, went or
         changed holder: only they, and the other profiles' groups they fence, are shown
-        anew. Equal to a full rebuild (tested), at a fraction of its cost."""
+        anew. Equal to a full rebuild (tested), at a fraction of its cost. Returns
+        whether a device list changed (a held seat is as healthy as a free one)."""
         touched = {(resource, group.name) for resource, group in groups}
         if not self._policy.allow_overprovision:
             for resource, group in groups:
@@ -556,6 +563,7 @@ class SeatBoard:
                     shown[position] = DeviceView(view.device_id, healthy, place.group.numa_nodes)
             self._encoded.pop(key, None)
         self._snapshot = _Snapshot(old.version + 1, by_group, seats, devices, held_per_group)
+        return any(devices[r] is not old.devices[r] for r in devices)
 
     def _fenced_by(self, resource: ResourceName, group: Group) -> list[str]:
         if self._policy.allow_overprovision:

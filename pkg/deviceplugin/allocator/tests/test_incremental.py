@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -175,3 +176,23 @@ def test_a_repeat_allocate_reaches_the_state_file_at_the_next_save(
     doc = json.loads((tmp_path / "state.json").read_text())
     seat = doc["resources"][R1]["groups"]["G0"]["seats"][DeviceId("G0-s0")]
     assert seat["binding"]["allocatedAt"] == clock.now
+
+
+@pytest.mark.parametrize(("overprovision", "wakes"), [(True, 0), (False, 1)])
+def test_streams_are_woken_at_once_only_when_a_device_list_changes(
+    tmp_path: Path, overprovision: bool, wakes: int
+) -> None:
+    board = SeatBoard(
+        build(3),
+        Policy(allow_overprovision=overprovision),
+        StateStore(tmp_path),
+        release_grace_s=60,
+    )
+    woken: list[int] = []
+    changed: Any = board._changed  # type: ignore[attr-defined]
+    notify = changed.notify_all
+    changed.notify_all = lambda: (woken.append(board.version), notify())
+    version = board.version
+    board.allocate(R1, [["G0-s0"]])  # free -> held: healthy either way; fences G01, G0123
+    assert board.version == version + 1
+    assert len(woken) == wakes
