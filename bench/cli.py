@@ -60,6 +60,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
+    parser.add_argument(
+        "--server-workers",
+        type=int,
+        metavar="N",
+        help="serving: start the plugin with N gRPC workers per profile server "
+        "(pkg.deviceplugin.server.manager.SERVER_WORKERS; default: the plugin's own)",
+    )
     return parser.parse_args(argv)
 
 
@@ -72,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     plan: list[tuple[str, str, Callable[[], list[Row]]]] = []
     if "serving" in chosen:
         for node_name, fixture in NODES.items():
-            plan.append(("serving", node_name, partial(serving.run, node_name, fixture, sizes)))
+            plan.append(
+                (
+                    "serving",
+                    node_name,
+                    partial(serving.run, node_name, fixture, sizes, args.server_workers),
+                )
+            )
     if "health" in chosen:
         for node_name, fixture in NODES.items():
             plan.append(
@@ -118,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "machine": info,
         "mode": "quick" if quick else "full",
+        "server_workers": args.server_workers,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": [r.to_json() for r in rows],
         "broken": failures + [{"step": r.figure, "error": str(r.extra)} for r in broken],

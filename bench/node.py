@@ -19,6 +19,7 @@ from types import TracebackType
 import grpc
 
 from pkg.deviceplugin.allocator import layout as layout_mod
+from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc
 from pkg.deviceplugin.nvml import fixtures, topofile
 from pkg.deviceplugin.types import ResourceName, Topology, group_size_of
@@ -173,8 +174,10 @@ class Node:
         extra_config: str = "",
         updates: bool = False,
         env: dict[str, str] | None = None,
+        server_workers: int | None = None,
     ) -> None:
         self.env = env or {}
+        self.server_workers = server_workers
         self.fixture = fixture
         self.root = short_tmpdir(prefix)
         self.kubelet_dir = self.root / "dp"
@@ -189,10 +192,16 @@ class Node:
         self.channels: dict[ResourceName, grpc.Channel] = {}
 
     def command(self) -> list[str]:
+        # bench.plugin: the same serve command with another gRPC pool size
+        entry = (
+            ["cmd.kyb_device_plugin"]
+            if self.server_workers is None
+            else ["bench.plugin", str(self.server_workers)]
+        )
         return [
             sys.executable,
             "-m",
-            "cmd.kyb_device_plugin",
+            *entry,
             "serve",
             "--kubelet-dir",
             str(self.kubelet_dir),
@@ -245,6 +254,10 @@ class Node:
             channel = self.channels[resource] = grpc.insecure_channel(f"unix://{path}")
             grpc.channel_ready_future(channel).result(timeout=10)
         return api_pb2_grpc.DevicePluginStub(channel)
+
+    @property
+    def state_file(self) -> Path:
+        return StateStore(self.state_dir).path
 
     def socket(self, resource: ResourceName) -> Path:
         return self.kubelet_dir / f"kyb-gpu-{group_size_of(resource)}x-seat.sock"
