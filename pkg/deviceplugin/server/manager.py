@@ -139,7 +139,9 @@ class PluginManager:
                         extra={"resource": resource},
                     )
                     self._stop_one(served, remove_socket=False)
+                    registrations = served.registrations
                     served = self._served[resource] = self._serve(resource)
+                    served.registrations = registrations  # the next one is "again"
                 if kubelet_changed:
                     served.next_attempt = now
                     served.backoff = FIRST_BACKOFF_S

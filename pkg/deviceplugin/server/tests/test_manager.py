@@ -178,3 +178,18 @@ def test_a_kubelet_restart_is_followed_by_one_register_per_profile(make_node) ->
     assert node.manager is not None and node.manager.wait_idle(5)
     assert all(node.calls(r) == 2 for r in RESOURCES), node.kubelet.register_calls
     assert not node.kubelet.register_errors
+
+
+def test_a_wiped_socket_is_served_again_and_its_registration_counts_as_again(
+    make_node, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.manager")
+    node.start()
+    assert node.wait_registered()
+    node.kubelet.restart()  # wipes the plugin's sockets too
+    assert node.wait_registered(times=2)
+    assert node.manager is not None and node.manager.wait_idle(5)
+    firsts = [r for r in caplog.records if "first time" in r.getMessage()]
+    agains = [r for r in caplog.records if "(#2)" in r.getMessage()]
+    assert len(firsts) == len(RESOURCES) and len(agains) == len(RESOURCES), caplog.text
