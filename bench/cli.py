@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     failures: list[dict[str, str]] = []
+    info = machine()
     started = time.monotonic()
     for section, node_name, step in plan:
         label = f"{section} {node_name}".strip()
@@ -112,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"!!! {label} broke: {type(exc).__name__}: {exc}", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
         print(f"    {time.monotonic() - step_started:.1f} s", file=sys.stderr, flush=True)
-    info = machine()
     print(
         f"\nmachine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}, "
         f"grpcio {info['grpcio']}; mode {'quick' if quick else 'full'}; "

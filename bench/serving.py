@@ -93,16 +93,6 @@ def run(node_name: str, fixture: str, sizes: Sizes, server_workers: int | None =
         try:
             assert node.plugin is not None
             idle = memory_kib(node.plugin.pid)
-            rows.append(
-                row(
-                    section,
-                    node_name,
-                    "VmRSS right after start (registered, idle)",
-                    idle["VmRSS"] * 1024 / 1e6,
-                    "MB",
-                    server_workers=server_workers,
-                )
-            )
             echo_stub = api_pb2_grpc.DevicePluginStub(echo_channel)
             echo = rpc.echo_call(echo_stub)
             rows += _preferred(node, node_name, seats, echo, sizes)
@@ -121,6 +111,16 @@ def run(node_name: str, fixture: str, sizes: Sizes, server_workers: int | None =
                     baseline=echo_mb,
                     baseline_name="echo RSS",
                     target=RSS,
+                    server_workers=server_workers,
+                )
+            )
+            rows.append(
+                row(
+                    section,
+                    node_name,
+                    "VmRSS right after start (registered, idle)",
+                    idle["VmRSS"] * 1024 / 1e6,
+                    "MB",
                     server_workers=server_workers,
                 )
             )
