@@ -1,8 +1,9 @@
 """The baseline: a bare grpcio unary echo on a Unix socket, nothing of the plugin in it.
 
-Run as ``python -m bench.echo SOCKET``: it serves the generated ``DevicePlugin``
-service's ``GetDevicePluginOptions`` (a constant reply, like an echo) with the same
-thread pool size as the plugin's servers, prints ``ready`` and serves until SIGTERM.
+Run as ``python -m bench.echo SOCKET WORKERS``: it serves the generated
+``DevicePlugin`` service's ``GetDevicePluginOptions`` (a constant reply, like an echo)
+with a thread pool of WORKERS (the benchmark passes the plugin's own server pool size),
+prints ``ready`` and serves until SIGTERM.
 Its resident memory is the baseline of the plugin's.
 """
 
@@ -17,8 +18,6 @@ from concurrent import futures
 import grpc
 
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-
-WORKERS = 16  # as pkg.deviceplugin.server.manager.SERVER_WORKERS
 
 
 class Echo(api_pb2_grpc.DevicePluginServicer):
@@ -49,8 +48,8 @@ class Echo(api_pb2_grpc.DevicePluginServicer):
 
 
 def main(argv: list[str]) -> int:
-    socket_path = argv[0]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS))
+    socket_path, workers = argv[0], int(argv[1])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     api_pb2_grpc.add_DevicePluginServicer_to_server(Echo(), server)
     server.add_insecure_port(f"unix://{socket_path}")
     server.start()

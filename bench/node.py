@@ -144,8 +144,11 @@ class LineProcess:
         self._log.close()
 
 
-def start_echo(socket_path: Path, log_path: Path) -> tuple[LineProcess, grpc.Channel]:
-    echo = LineProcess([sys.executable, "-m", "bench.echo", str(socket_path)], log_path)
+def start_echo(socket_path: Path, log_path: Path, workers: int) -> tuple[LineProcess, grpc.Channel]:
+    """The baseline server, with the plugin's gRPC pool size (``workers``)."""
+    echo = LineProcess(
+        [sys.executable, "-m", "bench.echo", str(socket_path), str(workers)], log_path
+    )
     if echo.expect() != "ready":
         raise BenchError("echo server did not start")
     channel = grpc.insecure_channel(f"unix://{socket_path}")

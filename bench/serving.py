@@ -14,6 +14,7 @@ from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.api.podresources.v1 import api_pb2 as pr_pb2
 from pkg.deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
+from pkg.deviceplugin.server import manager
 from pkg.deviceplugin.types import ResourceName
 
 REPEAT_P50 = Target("p50 <= 1.5x echo", "ratio", "<=", 1.5)
@@ -89,7 +90,11 @@ def run(node_name: str, fixture: str, sizes: Sizes, server_workers: int | None =
     section = "memory (plugin process, 3 profiles x 32 seats, after the runs above)"
     with Node(fixture, server_workers=server_workers) as node:
         node.start()
-        echo_process, echo_channel = start_echo(node.root / "echo.sock", node.root / "echo.log")
+        echo_process, echo_channel = start_echo(
+            node.root / "echo.sock",
+            node.root / "echo.log",
+            server_workers or manager.SERVER_WORKERS,
+        )
         try:
             assert node.plugin is not None
             idle = memory_kib(node.plugin.pid)

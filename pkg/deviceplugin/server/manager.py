@@ -47,7 +47,12 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.1
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
-SERVER_WORKERS = 16
+# Threads per profile's gRPC server. Each ListAndWatch stream holds one for its life:
+# the kubelet's (two for a moment across a kubelet restart), so at least two are left
+# for Allocate, GetPreferredAllocation and the liveness probe, which the kubelet sends
+# one at a time per resource. More threads only take turns at the GIL and keep their
+# malloc arenas (bench/README.md measures 4 against 2, 8 and 16).
+SERVER_WORKERS = 4
 # A registered profile whose ListAndWatch streams all ended this long ago lost the
 # kubelet; one that never got a stream this long after registering was not registered.
 STREAM_LOST_S = 1.0
