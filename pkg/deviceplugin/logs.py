@@ -14,13 +14,20 @@ import sys
 import threading
 from typing import Any, TextIO
 
-CONTEXT_KEYS = ("resource", "group", "seat", "gpu", "generation")
+# ``gpu``: the one GPU an event concerns; ``gpus``: a group's GPUs (a seat's event).
+CONTEXT_KEYS = ("resource", "group", "seat", "gpu", "gpus", "generation")
+
+
+def _text(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         context = " ".join(
-            f"{key}={getattr(record, key)}" for key in CONTEXT_KEYS if hasattr(record, key)
+            f"{key}={_text(getattr(record, key))}" for key in CONTEXT_KEYS if hasattr(record, key)
         )
         line = f"{self.formatTime(record)} {record.levelname:<7} {record.getMessage()}"
         if context:
@@ -40,7 +47,8 @@ class JsonFormatter(logging.Formatter):
         }
         for key in CONTEXT_KEYS:
             if hasattr(record, key):
-                doc[key] = getattr(record, key)
+                value = getattr(record, key)
+                doc[key] = list(value) if isinstance(value, tuple) else value
         if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)

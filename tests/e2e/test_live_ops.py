@@ -8,6 +8,7 @@ replaced by the test's own, so that flaky-4 behaves like any 4-GPU node here.
 from __future__ import annotations
 
 import json
+import re
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -161,7 +162,10 @@ def test_live_drain_stops_offering_free_seats_keeps_held_ones_and_undrain_brings
     # Text is the default log format, with the event's context in brackets.
     log = node.log()
     assert not log.lstrip().startswith("{")
-    assert f"seat bound [resource={R1} group={drained[R1]} seat={held[R1]} generation=1]" in log
+    bound = (
+        rf"seat bound \[resource={R1} group={drained[R1]} seat={held[R1]} gpus=\d+ generation=1\]"
+    )
+    assert re.search(bound, log), log
 
 
 @pytest.mark.e2e
@@ -366,7 +370,7 @@ def test_json_log_format_writes_one_object_per_line_with_each_events_context(
     for resource in (R1, R2):
         find("registered with the kubelet", resource=resource)
         find("serving on", resource=resource)
-    find("seat bound", resource=R1, group=group(gpu), seat=seat, generation=1)
+    find("seat bound", resource=R1, group=group(gpu), seat=seat, gpus=[gpu], generation=1)
     assert find("Allocate refused", resource=R1)["level"] == "warning"
     assert find(" unhealthy: ", gpu=gpu)["level"] == "warning"
     assert find("healthy again", gpu=gpu)["level"] == "info"

@@ -132,6 +132,16 @@ def test_a_reused_seat_after_its_pod_is_deleted_gets_a_higher_generation(
         timeout=5,
     )
     assert reply.container_responses[0].envs["KYB_SEAT_GEN"] == "2"
+    # The release is one log line naming the seat, its group and the group's GPUs.
+    envs = reply.container_responses[0].envs
+    released = (
+        f"[resource={resource} group={envs['KYB_GPU_GROUP']} seat={seat[0]} "
+        f"gpus={envs['CUDA_VISIBLE_DEVICES']} generation=1]"
+    )
+    assert any(
+        "seat released: holder" in line and line.endswith(released)
+        for line in serving.log().splitlines()
+    ), serving.log()
 
 
 @pytest.mark.e2e

@@ -229,6 +229,7 @@ class SeatBoard:
                             "resource": resource,
                             "group": seat.group.name,
                             "seat": seat.device_id,
+                            "gpus": seat.group.indices,
                             "generation": generation,
                         },
                     )
@@ -362,7 +363,13 @@ class SeatBoard:
             log.info(
                 "seat released: %s",
                 release.why,
-                extra={"resource": resource, "seat": device_id, "generation": release.generation},
+                extra={
+                    "resource": resource,
+                    "group": release.group,
+                    "seat": device_id,
+                    "gpus": release.gpus,
+                    "generation": release.generation,
+                },
             )
         if not releases and not seen:
             return False

@@ -58,6 +58,8 @@ class Release:
     key: SeatKey
     generation: int
     why: str
+    group: str = ""
+    gpus: tuple[int, ...] = ()
 
 
 class Ledger:
@@ -123,7 +125,7 @@ class Ledger:
             else:
                 continue
             record.binding = None
-            releases.append(Release(key, binding.generation, why))
+            releases.append(Release(key, binding.generation, why, binding.group, binding.gpus))
         return releases, seen
 
     # Persistence: the board embeds these per-seat entries in the status-shaped state file.

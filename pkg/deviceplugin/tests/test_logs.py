@@ -97,3 +97,18 @@ def test_python_warnings_become_log_lines(root: logging.Logger) -> None:
     [line] = out.getvalue().splitlines()
     doc = json.loads(line)
     assert doc["level"] == "warning" and "UserWarning: old flag" in doc["msg"]
+
+
+def test_a_groups_gpus_are_a_list_in_json_and_comma_joined_in_text(
+    root: logging.Logger,
+) -> None:
+    for fmt, check in (
+        ("json", lambda out: json.loads(out)["gpus"] == [2, 3]),
+        ("text", lambda out: out.rstrip("\n").endswith("[group=G23 gpus=2,3]")),
+    ):
+        out = io.StringIO()
+        logs.setup(fmt, stream=out)
+        logging.getLogger("pkg.deviceplugin.test").info(
+            "seat released", extra={"group": "G23", "gpus": (2, 3)}
+        )
+        assert check(out.getvalue()), out.getvalue()
