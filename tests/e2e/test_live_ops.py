@@ -311,6 +311,48 @@ def test_a_gpu_lost_under_a_held_seat_keeps_its_groups_unhealthy_until_it_return
 
 
 @pytest.mark.e2e
+def test_a_plugin_restarted_while_a_held_gpu_is_off_the_bus_keeps_its_groups_from_the_cache(
+    node: support.Node,
+) -> None:
+    needs_gpus(1)
+    gpu = INDICES[-1]
+    pair = next((p for p in PAIRS if gpu in p), None)
+    script(node)
+    node.extra_args = ("--health-probe-interval", "200ms", "--healthy-after-probes", "1")
+    node.config_text = config(overprovision=True)
+    node.start_plugin()
+    assert node.wait_registered((R1, R2)), node.log()
+    held = {R1: f"{group(gpu)}-s1"}
+    if pair is not None:
+        held[R2] = f"{group(*pair)}-s0"
+    for resource, seat in held.items():
+        assert generation(node, resource, seat) == "1", node.log()
+    everything = {r: devices(node, r) for r in (R1, R2)}
+    before = {r: node.kubelet.endpoints[r].registrations for r in (R1, R2)}
+    assert node.stop_plugin() == 0
+
+    # The plugin comes back while the GPU is off the bus; the GPU returns 4 s later.
+    script(node, lost(gpu, 0.0, 4.0))
+    node.start_plugin()
+    assert node.wait_registered((R1, R2), after=before), node.log()
+    sick = {R1: seats(R1, group(gpu)), R2: seats(R2, group(*pair)) if pair else set()}
+    assert {r: devices(node, r) for r in (R1, R2)} == everything
+    assert node.kubelet.wait_for(
+        lambda: all(unhealthy(node, r) == sick[r] for r in (R1, R2)), 3.0
+    ), node.log()
+    assert "keeping it from the topology cache" in node.log()
+    shown = state_groups(node, R1)[group(gpu)]
+    assert shown["seats"][held[R1]]["binding"]["generation"] == 1
+
+    assert node.kubelet.wait_for(
+        lambda: not unhealthy(node, R1) and not unhealthy(node, R2), 10.0
+    ), node.log()
+    assert {r: devices(node, r) for r in (R1, R2)} == everything
+    for resource, seat in held.items():
+        assert generation(node, resource, seat) == "1"
+
+
+@pytest.mark.e2e
 def test_a_gpu_off_the_bus_at_start_does_not_hide_the_other_gpus_critical_xids(
     node: support.Node,
 ) -> None:

@@ -37,6 +37,22 @@ def encode_object(fields: Mapping[str, str]) -> str:
     return "{" + ",".join(f"{_encode_key(key)}:{fields[key]}" for key in sorted(fields)) + "}"
 
 
+def atomic_write(path: Path, payload: str) -> None:
+    """Durably replace ``path`` with ``payload``: temp file, fsync, rename, dir fsync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -79,18 +95,7 @@ class StateStore:
 
     def write(self, payload: str) -> None:
         """Durably replace the state file with ``payload``."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.path, payload)
 
     def _set_aside(self, why: str) -> None:
         aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")

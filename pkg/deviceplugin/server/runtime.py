@@ -12,7 +12,9 @@ Live changes:
 - the topology is rediscovered every ``refreshInterval``. GPUs are never dropped from
   the layout while the process lives: a GPU that disappears keeps its groups, which go
   Unhealthy through the health monitor and come back with it. A GPU that appears joins
-  the auto grouping; groups with held seats are pinned and never regrouped.
+  the auto grouping; groups with held seats are pinned and never regrouped. The
+  topology is cached in the state dir (``topocache``), so a restart while a held GPU
+  is off the bus keeps that GPU's groups too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.health.monitor import HealthMonitor
 from pkg.deviceplugin.nvml.backend import Backend, NvmlError
+from pkg.deviceplugin.server import topocache
 from pkg.deviceplugin.server.manager import PluginManager
 from pkg.deviceplugin.server.podresources import PodResourcesClient
 from pkg.deviceplugin.types import GroupName, ResourceName, Topology, group_size_of
@@ -129,9 +132,13 @@ class Runtime:
             release_grace_s=config.release_grace_period,
             dev_root=dev_root,
         )
-        # The ledger may hold seats of groups formed on other hardware: pin them.
-        if self.board.held_groups():
+        # The ledger may hold seats of groups formed on other hardware, or on GPUs that
+        # are off the bus right now (known from the topology cache): pin them.
+        held = self.board.held_groups()
+        if held:
+            self._restore_lost_gpus(config.state_dir, held)
             self.board.apply(layout=self._layout_for(config))
+        topocache.save(config.state_dir, self.topology)
         self.health = HealthMonitor(
             backend,
             lambda: self.topology.gpus,
@@ -210,6 +217,23 @@ class Runtime:
             self.metrics.config_reload(True)
             return True
 
+    def _restore_lost_gpus(
+        self, state_dir: Path, held: Mapping[int, list[tuple[GroupName, tuple[int, ...]]]]
+    ) -> None:
+        cached = topocache.load(state_dir)
+        if cached is None:
+            return
+        needed = {index for groups in held.values() for _, gpus in groups for index in gpus}
+        self.topology, restored = topocache.restore(cached, self.topology, needed)
+        for gpu in restored:
+            log.warning(
+                "GPU %s (%s) is missing, but held seats are on it: keeping it from the "
+                "topology cache (Unhealthy until it answers)",
+                gpu.index,
+                gpu.uuid,
+                extra={"gpu": gpu.index},
+            )
+
     def refresh_topology(self) -> None:
         try:
             fresh = self.backend.discover()
@@ -221,6 +245,7 @@ class Runtime:
             if not added:
                 return
             self.topology = merged
+            topocache.save(self.config.state_dir, merged)
             for index in added:
                 log.info("GPU %s appeared", index, extra={"gpu": index})
             try:
