@@ -93,6 +93,28 @@ def test_configmap_update_adds_a_profile_and_lowers_a_seat_count_keeping_held_se
     assert "config reloaded" in node.log()
 
 
+def test_configmap_update_removes_a_profile_and_raises_a_seat_count_then_brings_it_back(
+    mounted: tuple[support.Node, ConfigMapMount],
+) -> None:
+    node, mount = mounted
+    registered = {r: node.kubelet.endpoints[r].registrations for r in (R1, R2)}
+    mount.publish(f"profiles:\n  - resource: {R2}\n    seatsPerGroup: 5\n")
+    # The 1x server stops: its socket goes, and the kubelet sees its stream end.
+    assert node.kubelet.wait_for(lambda: not node.kubelet.endpoints[R1].connected, 5.0), node.log()
+    assert not (node.kubelet_dir / "kyb-gpu-1x-seat.sock").exists()
+    assert node.kubelet.healthy(R1) == []
+    assert "profile removed; stopping its server" in node.log()
+    # The 2x profile offers five seats per group, all Healthy, without registering again.
+    assert node.kubelet.wait_for(lambda: len(node.kubelet.healthy(R2)) == 4 * 5, 5.0)
+    assert {"G01-s3", "G01-s4", "G67-s4"} <= set(node.kubelet.healthy(R2))
+    assert node.kubelet.endpoints[R2].registrations == registered[R2]
+    # Back to the first config: the 1x profile is served and registered again.
+    mount.publish(BASE)
+    assert node.wait_registered((R1,), timeout=5.0, after=registered), node.log()
+    assert len(node.kubelet.healthy(R1)) == 8 * 4
+    assert node.kubelet.wait_for(lambda: len(node.kubelet.healthy(R2)) == 4 * 3, 5.0)
+
+
 def test_invalid_config_update_is_rejected_and_the_old_config_keeps_running(
     mounted: tuple[support.Node, ConfigMapMount],
 ) -> None:
