@@ -99,15 +99,27 @@ class ConfigSource:
 
 
 def merge_topology(known: Topology, fresh: Topology) -> tuple[Topology, list[int]]:
-    """Known GPUs plus the ones that appeared; returns the merge and the new indices."""
+    """Known GPUs plus the ones that appeared; returns the merge and the new indices.
+
+    Links the known topology lacks come from ``fresh`` wherever it sees both ends: a GPU
+    that appeared while another was off the bus learns its link to that one when it
+    comes back. Known links are kept (a refresh does not regroup anything).
+    """
     known_uuids = {g.uuid for g in known.gpus}
     added = [g for g in fresh.gpus if g.uuid not in known_uuids]
-    if not added:
-        return known, []
     taken = {g.index for g in added}
     gpus = [g for g in known.gpus if g.index not in taken] + added
-    links = {**known.links, **fresh.links}
-    return Topology(tuple(gpus), links), [g.index for g in added]
+    uuid_of = {g.index: g.uuid for g in gpus}
+    seen = {g.index for g in fresh.gpus if uuid_of.get(g.index) == g.uuid}
+    learned = {
+        pair: link
+        for pair, link in fresh.links.items()
+        if set(pair) <= seen and pair not in known.links
+    }
+    if not added and not learned:
+        return known, []
+    kept = {pair: link for pair, link in known.links.items() if not set(pair) & taken}
+    return Topology(tuple(gpus), {**kept, **learned}), [g.index for g in added]
 
 
 class Runtime:
@@ -242,10 +254,13 @@ class Runtime:
             return
         with self._reload_lock:
             merged, added = merge_topology(self.topology, fresh)
-            if not added:
+            if merged is self.topology:
                 return
             self.topology = merged
             topocache.save(self.config.state_dir, merged)
+            if not added:
+                log.info("topology refresh learned links between GPUs it sees again")
+                return
             for index in added:
                 log.info("GPU %s appeared", index, extra={"gpu": index})
             try:

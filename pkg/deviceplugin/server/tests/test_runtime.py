@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from pkg.deviceplugin import logs
+from pkg.deviceplugin.allocator.tests.support import four_gpus_in_nvlink_pairs
 from pkg.deviceplugin.nvml.mock import MockBackend
-from pkg.deviceplugin.server.runtime import ConfigSource, Runtime
+from pkg.deviceplugin.server.runtime import ConfigSource, Runtime, merge_topology
+from pkg.deviceplugin.types import Topology
 
 PROFILES = "profiles:\n  - resource: kyb.ai/gpu-1x-seat\n    seatsPerGroup: 2\n"
 
@@ -75,3 +77,25 @@ def test_a_reload_switches_the_log_format_and_a_rejected_reload_keeps_it(
     assert not runtime.reload()
     assert isinstance(handler.formatter, logs.JsonFormatter)
     assert runtime.config.log_format == "json"
+
+
+def test_a_gpu_that_appeared_while_another_was_lost_learns_their_link_when_it_returns() -> None:
+    full = four_gpus_in_nvlink_pairs()
+
+    def seen(*indices: int) -> Topology:
+        return Topology(
+            tuple(g for g in full.gpus if g.index in indices),
+            {p: link for p, link in full.links.items() if set(p) <= set(indices)},
+        )
+
+    # GPU 3 appears while GPU 2 is off the bus: the link 2-3 is unknown (counts as SYS).
+    start = seen(0, 1, 2)
+    merged, added = merge_topology(start, seen(0, 1, 3))
+    assert added == [3] and (2, 3) not in merged.links
+    assert merged.link(1, 3) == full.link(1, 3)
+    # GPU 2 answers again: nothing appears, the missing link is learned, the rest kept.
+    again, added = merge_topology(merged, full)
+    assert added == [] and again.link(2, 3) == full.link(2, 3)
+    assert dict(again.links) == dict(full.links)
+    # Nothing new to learn: the same object back, so a refresh does nothing.
+    assert merge_topology(again, full)[0] is again
