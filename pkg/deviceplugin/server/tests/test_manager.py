@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
+from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.kubeletsim.simulator import KubeletSimulator
 from pkg.deviceplugin.server import registration
 from pkg.deviceplugin.server.manager import PluginManager
@@ -193,3 +195,31 @@ def test_a_wiped_socket_is_served_again_and_its_registration_counts_as_again(
     firsts = [r for r in caplog.records if "first time" in r.getMessage()]
     agains = [r for r in caplog.records if "(#2)" in r.getMessage()]
     assert len(firsts) == len(RESOURCES) and len(agains) == len(RESOURCES), caplog.text
+
+
+def test_allocate_still_answers_while_two_more_streams_hold_workers(make_node) -> None:  # type: ignore[no-untyped-def]
+    # Each ListAndWatch stream holds one of the server's SERVER_WORKERS threads for its
+    # life. Across a kubelet restart an old and a new stream overlap; with a third
+    # watcher on top, Allocate (and the liveness probe) must still get a thread.
+    node = make_node()
+    node.start()
+    assert node.wait_registered()
+    socket = node.root / "dp" / socket_name_of(R1)
+    channels = [grpc.insecure_channel(f"unix://{socket}") for _ in range(2)]
+    try:
+        streams = [api_pb2_grpc.DevicePluginStub(c).ListAndWatch(api_pb2.Empty()) for c in channels]
+        for stream in streams:
+            next(stream)  # each holds a worker now
+        stub = api_pb2_grpc.DevicePluginStub(channels[0])
+        reply = stub.Allocate(
+            api_pb2.AllocateRequest(
+                container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["G0-s0"])]
+            ),
+            timeout=5,
+        )
+        assert reply.container_responses[0].envs["KYB_GPU_SEAT"] == "G0-s0"
+        options = stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=5)
+        assert options.get_preferred_allocation_available
+    finally:
+        for channel in channels:
+            channel.close()
