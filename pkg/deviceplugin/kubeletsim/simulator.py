@@ -46,14 +46,18 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.api.podresources.v1 import api_pb2 as pr_pb2
 from pkg.deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
+from pkg.deviceplugin.server.podresources import rpc_detail
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 KUBELET_SOCKET = "kubelet.sock"
 CHECKPOINT = "kubelet_internal_checkpoint"
@@ -135,7 +139,6 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
         self.register_calls: list[str] = []
         self.registers_in_flight = 0
         self.max_registers_in_flight = 0
-        self.preferred_calls = 0
         self._random = random.Random(seed)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -395,8 +398,7 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
                     timeout=10,
                 )
             except grpc.RpcError as exc:
-                detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-                raise AdmissionError(f"{resource}: Allocate failed: {detail}") from exc
+                raise AdmissionError(f"{resource}: Allocate failed: {rpc_detail(exc)}") from exc
             if not reply.container_responses:
                 raise AdmissionError(f"{resource}: Allocate answered no container response")
             allocation = Allocation(resource, chosen, reply.container_responses[0])
@@ -405,8 +407,9 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
             done.append(allocation)
         return done
 
-    def _shuffled(self, ids: Sequence[str]) -> list[str]:
-        out = list(ids)
+    def _shuffled(self, items: Sequence[T]) -> list[T]:
+        """``items`` in random order, as Go map and set iteration gives them."""
+        out = list(items)
         self._random.shuffle(out)
         return out
 
@@ -430,11 +433,9 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
                 timeout=10,
             )
         except grpc.RpcError as exc:
-            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             raise AdmissionError(
-                f"{endpoint.resource}: GetPreferredAllocation failed: {detail}"
+                f"{endpoint.resource}: GetPreferredAllocation failed: {rpc_detail(exc)}"
             ) from exc
-        self.preferred_calls += 1
         if not reply.container_responses:
             return []
         return list(reply.container_responses[0].deviceIDs)
@@ -443,7 +444,7 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
         """What reaches the container: every resource's answer merged, as the kubelet
         does (first seen wins on a duplicate key, resources in random map order)."""
         merged = RunOptions()
-        for allocation in self._shuffled_allocations(pod.allocations.get(container, [])):
+        for allocation in self._shuffled(pod.allocations.get(container, [])):
             response = allocation.response
             for key, value in response.envs.items():
                 merged.envs.setdefault(key, value)
@@ -455,11 +456,6 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
                 if cdi.name not in merged.cdi_devices:
                     merged.cdi_devices.append(cdi.name)
         return merged
-
-    def _shuffled_allocations(self, allocations: Sequence[Allocation]) -> list[Allocation]:
-        out = list(allocations)
-        self._random.shuffle(out)
-        return out
 
     def delete(self, name: str, namespace: str = "default") -> None:
         with self._lock:

@@ -26,6 +26,11 @@ def unix_target(path: Path) -> str:
     return f"unix://{path.absolute()}"
 
 
+def rpc_detail(exc: grpc.RpcError) -> str:
+    """What a failed call's peer said (its status details), else the error itself."""
+    return str(exc.details()) if isinstance(exc, grpc.Call) else str(exc)
+
+
 class PodResourcesClient:
     def __init__(self, socket_path: Path, timeout_s: float = 0.5) -> None:
         self.socket_path = socket_path
@@ -62,11 +67,10 @@ class PodResourcesClient:
         if answering:
             log.info("PodResources at %s answers", self.socket_path)
         else:
-            detail = exc.details() if isinstance(exc, grpc.Call) else exc
             log.warning(
                 "PodResources at %s does not answer (%s); keeping the last known bindings",
                 self.socket_path,
-                detail,
+                rpc_detail(exc) if exc is not None else None,
             )
 
     def close(self) -> None:

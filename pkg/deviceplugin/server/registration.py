@@ -8,7 +8,7 @@ import grpc
 
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.server.plugin import plugin_options
-from pkg.deviceplugin.server.podresources import unix_target
+from pkg.deviceplugin.server.podresources import rpc_detail, unix_target
 from pkg.deviceplugin.types import ResourceName
 
 API_VERSION = "v1beta1"
@@ -37,6 +37,5 @@ def register(
                 timeout=timeout_s,
             )
     except grpc.RpcError as exc:
-        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         code = exc.code().name if isinstance(exc, grpc.Call) else "ERROR"
-        raise RegistrationError(f"{code}: {detail}") from exc
+        raise RegistrationError(f"{code}: {rpc_detail(exc)}") from exc
