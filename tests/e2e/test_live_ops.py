@@ -90,6 +90,29 @@ def generation(node: support.Node, resource: str, seat: str) -> str:
     return reply.envs["KYB_SEAT_GEN"]
 
 
+def pair_of(gpu: int) -> tuple[int, ...] | None:
+    """The 2x group's GPUs that ``gpu`` is in; None on a node without one."""
+    return next((p for p in PAIRS if gpu in p), None)
+
+
+def hold_on(node: support.Node, gpu: int, seat_1x: int, seat_2x: int) -> dict[str, str]:
+    """Bind a seat of ``gpu``'s 1x group and, where it has one, of its 2x group (each
+    checked as a first binding); returns the seat per resource."""
+    pair = pair_of(gpu)
+    held = {R1: f"{group(gpu)}-s{seat_1x}"}
+    if pair is not None:
+        held[R2] = f"{group(*pair)}-s{seat_2x}"
+    for resource, seat in held.items():
+        assert generation(node, resource, seat) == "1", node.log()
+    return held
+
+
+def seats_on(gpu: int) -> dict[str, set[str]]:
+    """Every seat, per profile, of the groups containing ``gpu``."""
+    pair = pair_of(gpu)
+    return {R1: seats(R1, group(gpu)), R2: seats(R2, group(*pair)) if pair else set()}
+
+
 @dataclass
 class Live:
     node: support.Node
@@ -260,7 +283,6 @@ def test_a_gpu_lost_under_a_held_seat_keeps_its_groups_unhealthy_until_it_return
 ) -> None:
     needs_gpus(1)
     gpu = INDICES[0]
-    pair = next((p for p in PAIRS if gpu in p), None)
     # GPU 0 falls off the bus 5 s after start (time enough to register and hold seats
     # first, even on a busy machine), for 3 s; topology refreshes run meanwhile.
     script(node, lost(gpu, 5.0, 3.0))
@@ -275,14 +297,10 @@ def test_a_gpu_lost_under_a_held_seat_keeps_its_groups_unhealthy_until_it_return
     node.config_text = config(overprovision=True)
     node.start_plugin()
     assert node.wait_registered((R1, R2)), node.log()
-    held = {R1: f"{group(gpu)}-s0"}
-    if pair is not None:
-        held[R2] = f"{group(*pair)}-s1"
-    for resource, seat in held.items():
-        assert generation(node, resource, seat) == "1", node.log()
+    held = hold_on(node, gpu, seat_1x=0, seat_2x=1)
     everything = {r: devices(node, r) for r in (R1, R2)}
     # Every group containing the GPU, in every profile, held seats included; no other.
-    sick = {R1: seats(R1, group(gpu)), R2: seats(R2, group(*pair)) if pair else set()}
+    sick = seats_on(gpu)
     assert node.kubelet.wait_for(
         lambda: all(unhealthy(node, r) == sick[r] for r in (R1, R2)), 8.0
     ), node.log()
@@ -316,17 +334,12 @@ def test_a_plugin_restarted_while_a_held_gpu_is_off_the_bus_keeps_its_groups_fro
 ) -> None:
     needs_gpus(1)
     gpu = INDICES[-1]
-    pair = next((p for p in PAIRS if gpu in p), None)
     script(node)
     node.extra_args = ("--health-probe-interval", "200ms", "--healthy-after-probes", "1")
     node.config_text = config(overprovision=True)
     node.start_plugin()
     assert node.wait_registered((R1, R2)), node.log()
-    held = {R1: f"{group(gpu)}-s1"}
-    if pair is not None:
-        held[R2] = f"{group(*pair)}-s0"
-    for resource, seat in held.items():
-        assert generation(node, resource, seat) == "1", node.log()
+    held = hold_on(node, gpu, seat_1x=1, seat_2x=0)
     everything = {r: devices(node, r) for r in (R1, R2)}
     before = {r: node.kubelet.endpoints[r].registrations for r in (R1, R2)}
     assert node.stop_plugin() == 0
@@ -335,7 +348,7 @@ def test_a_plugin_restarted_while_a_held_gpu_is_off_the_bus_keeps_its_groups_fro
     script(node, lost(gpu, 0.0, 4.0))
     node.start_plugin()
     assert node.wait_registered((R1, R2), after=before), node.log()
-    sick = {R1: seats(R1, group(gpu)), R2: seats(R2, group(*pair)) if pair else set()}
+    sick = seats_on(gpu)
     assert {r: devices(node, r) for r in (R1, R2)} == everything
     assert node.kubelet.wait_for(
         lambda: all(unhealthy(node, r) == sick[r] for r in (R1, R2)), 3.0
