@@ -119,8 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    except (config_loader.ConfigError, LayoutError) as exc:
+    except config_loader.ConfigError as exc:
         for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except LayoutError as exc:
+        for problem in exc.located(_config_source(args).origin):
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except NvmlError as exc:

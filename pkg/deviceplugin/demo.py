@@ -81,7 +81,8 @@ def _show(
                 out.write(
                     f"pod {name}/{container}: {resource} seat {envs['KYB_GPU_SEAT']} "
                     f"(group {envs['KYB_GPU_GROUP']}, generation {envs['KYB_SEAT_GEN']}) "
-                    f"CUDA_VISIBLE_DEVICES={envs['CUDA_VISIBLE_DEVICES']} devices={devices}\n"
+                    f"GPUs {envs['KYB_GPU_INDICES']} CUDA_VISIBLE_DEVICES="
+                    f"{envs['CUDA_VISIBLE_DEVICES']} devices={devices}\n"
                 )
     out.write("\nseat map:\n")
     report.print_seat_map(runtime.board.status(), out)

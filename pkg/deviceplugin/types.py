@@ -133,6 +133,13 @@ class Gpu:
         """The character device a container needs, by minor number (not by index)."""
         return f"/dev/nvidia{self.minor}"
 
+    @property
+    def bus_order(self) -> tuple[str, int]:
+        """Where CUDA's ``PCI_BUS_ID`` order puts this GPU. Discovery and the topology
+        file store the canonical NVML spelling (``00000000:07:00.0``, fixed width, upper
+        case), so the text sorts as the numbers do."""
+        return (self.pci_bus_id.upper(), self.index)
+
 
 def _pair(a: int, b: int) -> tuple[int, int]:
     return (a, b) if a < b else (b, a)

@@ -39,7 +39,7 @@ def config(*, overprovision: bool, drain: Sequence[str] = ()) -> str:
 
 
 def group(*members: int) -> str:
-    return grouping.group_name(members, INDICES)
+    return grouping.group_name(members)
 
 
 def seats(resource: str, name: str) -> set[str]:

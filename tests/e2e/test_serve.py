@@ -55,25 +55,47 @@ def test_allocate_returns_the_seat_envs_annotations_and_minor_numbered_device_sp
     pod = serving.kubelet.admit("job", [ContainerSpec("main", {resource: 1})])
     [allocation] = pod.allocations["main"]
     envs = dict(allocation.response.envs)
-    group = next(
-        g for g in support.topology_of().gpus if str(g.index) == envs["CUDA_VISIBLE_DEVICES"][0]
-    )
     assert envs["KYB_GPU_SEAT"] == allocation.device_ids[0]
     assert envs["KYB_GPU_SEAT"].startswith(envs["KYB_GPU_GROUP"] + "-s")
     assert envs["KYB_SEAT_GEN"] == "1"
     assert envs["KYB_RESOURCE"] == resource
-    indices = [int(i) for i in envs["CUDA_VISIBLE_DEVICES"].split(",")]
+    indices = [int(i) for i in envs["KYB_GPU_INDICES"].split(",")]
     gpus = [TOPOLOGY.gpu(i) for i in indices]
-    assert len(gpus) == 2 and group in gpus
+    pairs = {grouping.group_name(m): list(m) for m in grouping.partition(TOPOLOGY, 2)}
+    assert sorted(indices) == pairs[envs["KYB_GPU_GROUP"]]
+    # the container's own CUDA ordinals, its GPUs listed in PCI bus order
+    assert envs["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert envs["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert [g.pci_bus_id for g in gpus] == sorted(g.pci_bus_id for g in gpus)
     assert envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(g.uuid for g in gpus)
     assert envs["KYB_GPU_UUIDS"] == envs["NVIDIA_VISIBLE_DEVICES"]
     annotations = dict(allocation.response.annotations)
     assert annotations["kyb.ai/gpu-group"] == envs["KYB_GPU_GROUP"]
     assert annotations["kyb.ai/gpu-seat"] == envs["KYB_GPU_SEAT"]
+    assert annotations["kyb.ai/gpu-indices"] == envs["KYB_GPU_INDICES"]
     assert annotations["kyb.ai/seat-gen"] == "1"
     specs = [(d.host_path, d.container_path, d.permissions) for d in allocation.response.devices]
     assert specs[: len(gpus)] == [(f"/dev/nvidia{g.minor}",) * 2 + ("rw",) for g in gpus]
     assert ("/dev/nvidiactl", "/dev/nvidiactl", "rw") in specs
+
+
+@pytest.mark.e2e
+def test_a_2x_seat_away_from_gpu_0_gets_cuda_ordinals_0_and_1(serving: support.Node) -> None:
+    # Under the NVIDIA runtime the container sees only its GPUs, numbered from 0: host
+    # indices such as 2,3 in CUDA_VISIBLE_DEVICES would select no GPU there.
+    resource = "kyb.ai/gpu-2x-seat"
+    pairs = grouping.partition(TOPOLOGY, 2)
+    if len(pairs) < 2:
+        pytest.skip(f"topology {support.TOPOLOGY} has no 2x group away from GPU 0")
+    for n in range(len(pairs)):
+        pod = serving.kubelet.admit(f"away-{n}", [ContainerSpec("main", {resource: 1})])
+        envs = dict(pod.allocations["main"][0].response.envs)
+        if "0" not in envs["KYB_GPU_INDICES"].split(","):
+            break
+    else:
+        pytest.fail("no 2x seat landed on a group without GPU 0")
+    assert envs["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert len(envs["KYB_GPU_INDICES"].split(",")) == 2
 
 
 @pytest.mark.e2e
@@ -106,12 +128,15 @@ def test_init_container_seat_passes_to_the_app_container_with_the_same_generatio
     needs_seats(resource)
     pod = serving.kubelet.admit(
         "with-init",
-        [ContainerSpec("app", {resource: 1})],
-        init_containers=[ContainerSpec("init", {resource: 1})],
+        [ContainerSpec("app", {resource: 2})],
+        init_containers=[ContainerSpec("init", {resource: 2})],
     )
     init, app = pod.allocations["init"][0], pod.allocations["app"][0]
-    assert app.device_ids == init.device_ids
-    assert app.response.envs["KYB_SEAT_GEN"] == init.response.envs["KYB_SEAT_GEN"] == "1"
+    assert sorted(app.device_ids) == sorted(init.device_ids)
+    assert app.response.envs["KYB_SEAT_GEN"] == init.response.envs["KYB_SEAT_GEN"] == "1,1"
+    # the kubelet sends the IDs in any order; both containers get the very same answer
+    assert dict(app.response.envs) == dict(init.response.envs)
+    assert dict(app.response.annotations) == dict(init.response.annotations)
 
 
 @pytest.mark.e2e
@@ -136,7 +161,7 @@ def test_a_reused_seat_after_its_pod_is_deleted_gets_a_higher_generation(
     envs = reply.container_responses[0].envs
     released = (
         f"[resource={resource} group={envs['KYB_GPU_GROUP']} seat={seat[0]} "
-        f"gpus={envs['CUDA_VISIBLE_DEVICES']} generation=1]"
+        f"gpus={envs['KYB_GPU_INDICES']} generation=1]"
     )
     assert any(
         "seat released: holder" in line and line.endswith(released)
@@ -253,6 +278,72 @@ def test_tab_indentation_gets_its_own_message() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_an_unknown_gpu_index_in_a_group_names_the_file_and_key_path() -> None:
+    config = support.short_tmpdir() / "groups.yaml"
+    config.write_text(
+        "profiles:\n  - resource: kyb.ai/gpu-2x-seat\n    seatsPerGroup: 2\n"
+        "groups:\n  - name: G01\n    gpus: [0, 1]\n  - name: G99\n    gpus: [2, 99]\n"
+    )
+    done = run_cli("plan", "--config", str(config), "--nvml-mock", "dgx-a100")
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {config}: groups[1].gpus: unknown GPU index 99"), line
+    assert "G99" in line
+
+
+def test_groups_from_a_flag_name_the_flag_not_the_file() -> None:
+    done = run_cli("plan", "--nvml-mock", "dgx-a100", "--groups", "[{name: G0x, gpus: [0, 42]}]")
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: --groups: groups[0].gpus: unknown GPU index 42"), line
+
+
+def test_more_gpus_than_exact_grouping_handles_is_one_line_naming_the_limit() -> None:
+    root = support.short_tmpdir()
+    count = 17
+    rows = [["X" if i == j else "SYS" for j in range(count)] for i in range(count)]
+    gpus = [
+        {
+            "index": i,
+            "uuid": f"GPU-{i:08d}-0000-0000-0000-000000000000",
+            "name": "NVIDIA H100 80GB HBM3",
+            "memoryMiB": 81920,
+            "pciBusId": f"00000000:{i + 16:02X}:00.0",
+            "minor": i,
+            "numaNode": 0,
+        }
+        for i in range(count)
+    ]
+    (root / "big.json").write_text(json.dumps({"gpus": gpus, "links": rows}))
+    done = run_cli(
+        "plan",
+        "--nvml-mock",
+        str(root / "big.json"),
+        env={
+            "KYB_CONFIG": "",
+            "KYB_PROFILES": "[{resource: kyb.ai/gpu-2x-seat, seatsPerGroup: 1}]",
+        },
+    )
+    assert done.returncode == 2, done.stdout
+    [line] = done.stderr.strip().splitlines()
+    assert "profiles[0] (kyb.ai/gpu-2x-seat)" in line and "at most 16 GPUs" in line, line
+    assert "17" in line and "Traceback" not in done.stderr
+    # a 1x profile needs no search: it serves every GPU
+    single = run_cli(
+        "plan",
+        "--nvml-mock",
+        str(root / "big.json"),
+        "--output",
+        "json",
+        env={
+            "KYB_CONFIG": "",
+            "KYB_PROFILES": "[{resource: kyb.ai/gpu-1x-seat, seatsPerGroup: 1}]",
+        },
+    )
+    assert single.returncode == 0, single.stderr
+    assert len(json.loads(single.stdout)["resources"]["kyb.ai/gpu-1x-seat"]["groups"]) == count
+
+
 def test_no_gpu_and_no_mock_is_one_line_and_exit_1() -> None:
     env = {"LD_LIBRARY_PATH": "", "KYB_NVML_MOCK": ""}
     done = run_cli("plan", env=env)
@@ -351,8 +442,8 @@ def test_many_concurrent_allocates_across_profiles_leave_no_gpu_with_two_holders
     if expected_seats("kyb.ai/gpu-2x-seat") == 0:
         pytest.skip(f"topology {support.TOPOLOGY} has no 2x group")
     pair = grouping.partition(TOPOLOGY, 2)[0]
-    first_pair = grouping.group_name(pair, TOPOLOGY.indices)
-    singles = [grouping.group_name((i,), TOPOLOGY.indices) for i in pair]
+    first_pair = grouping.group_name(pair)
+    singles = [grouping.group_name((i,)) for i in pair]
     jobs = [("kyb.ai/gpu-2x-seat", f"{first_pair}-s{k % 3}") for k in range(12)] + [
         ("kyb.ai/gpu-1x-seat", f"{singles[k % 2]}-s{k % 4}") for k in range(12)
     ]

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator import placement, response
-from pkg.deviceplugin.allocator.layout import Group, Layout, Seat, seat_id
+from pkg.deviceplugin.allocator.layout import Group, Layout, Pins, Plan, Seat, seat_id
 from pkg.deviceplugin.allocator.ledger import Holder, Ledger, SeatKey
 from pkg.deviceplugin.allocator.store import StateStore, encode, encode_object
-from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
+from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Policy:
     placement: placement.Strategy = "spread"
     drain: frozenset[GroupName] = frozenset()
     device_list_strategy: Literal["envvar", "cdi"] = "envvar"
+    cuda_visible_devices: response.CudaVisibleDevices = "ordinal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,27 @@ class SeatView:
 
 
 GroupKey = tuple[ResourceName, GroupName]
+
+# An Allocate may name any number of IDs of any length; its error message (and the log
+# line quoting it) names the first few, each shortened, then a count, so that a hostile
+# request cannot turn the reply into one larger than gRPC's metadata limit.
+QUOTED_ITEMS = 5
+QUOTED_ID_CHARS = 64
+QUOTED_REASON_CHARS = 300
+
+
+def quote_some(items: Sequence[str], *, separator: str = ", ", width: int = QUOTED_ID_CHARS) -> str:
+    """The first ``QUOTED_ITEMS`` of ``items``, each printable and at most ``width``
+    characters, then how many more there are."""
+    shown = [_shorten(item, width) for item in items[:QUOTED_ITEMS]]
+    rest = len(items) - len(shown)
+    return separator.join(shown) + (f"{separator}and {rest} more" if rest else "")
+
+
+def _shorten(text: str, width: int) -> str:
+    if not text.isprintable():
+        text = ascii(text)
+    return text if len(text) <= width else f"{text[: width - 13]}...({len(text)} chars)"
 
 
 @dataclass(frozen=True)
@@ -95,9 +118,14 @@ class _Place:
 
 
 class SeatBoard:
+    """``plan`` gives the layout for the groups held at the moment; the board asks it
+    under its lock (at start, on :meth:`apply`, and when the last seat of a group held
+    over from an earlier config or topology is released), so a layout never moves a
+    group under a seat bound while it was being decided."""
+
     def __init__(
         self,
-        layout: Layout,
+        plan: Plan | Layout,
         policy: Policy,
         store: StateStore | None,
         *,
@@ -107,8 +135,7 @@ class SeatBoard:
     ) -> None:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._layout = layout
-        self._places = _places(layout)
+        self._plan = _as_plan(plan)
         self._policy = policy
         self._store = store
         self._clock = clock
@@ -123,6 +150,8 @@ class SeatBoard:
         self._encoded_retired: str | None = None
         self._closed = False
         self._restore(store.load() if store is not None else None)
+        self._layout = Layout.of((), Topology(()))
+        self._set_layout_locked(self._plan(self._pins_locked()))
         self._snapshot = self._build_snapshot(1)
         self._save()
 
@@ -241,6 +270,7 @@ class SeatBoard:
                 bound,
                 strategy=self._policy.device_list_strategy,
                 dev_root=self._dev_root,
+                cuda_visible_devices=self._policy.cuda_visible_devices,
             )
             for bound in answers
         ]
@@ -273,11 +303,11 @@ class SeatBoard:
             result.append(container)
         if unknown:
             raise AllocationError(
-                "invalid", f"unknown device ID(s) for {resource}: {', '.join(unknown)}"
+                "invalid", f"unknown device ID(s) for {resource}: {quote_some(unknown)}"
             )
         if duplicates:
             raise AllocationError(
-                "invalid", f"device ID(s) requested more than once: {', '.join(duplicates)}"
+                "invalid", f"device ID(s) requested more than once: {quote_some(duplicates)}"
             )
         views = self._snapshot.seats[resource]
         refused = [
@@ -287,7 +317,9 @@ class SeatBoard:
             if (view := views[seat.device_id]).state not in GOOD_STATES
         ]
         if refused:
-            raise AllocationError("precondition", "; ".join(refused))
+            raise AllocationError(
+                "precondition", quote_some(refused, separator="; ", width=QUOTED_REASON_CHARS)
+            )
         return result
 
     def preferred(
@@ -374,7 +406,12 @@ class SeatBoard:
         if not releases and not seen:
             return False
         seats = [self._layout.seat(*key) for key in [*(r.key for r in releases), *seen]]
-        if all(seats):
+        if releases and self._layout.held_over:
+            # the config's own groups may take the place of a held-over one now
+            self._replan_locked()
+            self._rebuild_locked()
+            shown = True
+        elif all(seats):
             shown = self._bindings_changed_locked(
                 {(s.resource, s.group) for s in seats if s is not None}
             )
@@ -394,26 +431,64 @@ class SeatBoard:
                 self._unhealthy = dict(unhealthy)
                 self._changed_locked()
 
-    def apply(self, layout: Layout | None = None, policy: Policy | None = None) -> None:
-        """Swap in a new layout and/or policy (config reload, topology refresh)."""
+    def apply(self, plan: Plan | Layout | None = None, policy: Policy | None = None) -> None:
+        """Swap in a new plan and/or policy (config reload, topology refresh).
+
+        The new layout is decided here, under the lock, from the groups held now; a
+        plan that raises :class:`LayoutError` changes nothing.
+        """
         with self._lock:
-            if layout is not None:
-                self._layout = layout
-                self._places = _places(layout)
+            if plan is not None:
+                new = _as_plan(plan)
+                self._set_layout_locked(new(self._pins_locked()))
+                self._plan = new
             if policy is not None:
                 self._policy = policy
             self._changed_locked()
 
-    def held_groups(self) -> dict[int, list[tuple[GroupName, tuple[int, ...]]]]:
+    def held_groups(self) -> Pins:
         """Groups with live bindings, per group size: they must not be regrouped."""
         with self._lock:
-            pinned: dict[int, dict[str, tuple[int, ...]]] = {}
-            for _, binding in self._ledger.held():
-                pinned.setdefault(len(binding.gpus), {})[binding.group] = binding.gpus
-            return {
-                size: [(GroupName(name), gpus) for name, gpus in groups.items()]
-                for size, groups in pinned.items()
-            }
+            return self._pins_locked()
+
+    def _pins_locked(self) -> dict[int, list[tuple[GroupName, tuple[int, ...]]]]:
+        pinned: dict[int, dict[str, tuple[int, ...]]] = {}
+        for _, binding in self._ledger.held():
+            pinned.setdefault(len(binding.gpus), {})[binding.group] = binding.gpus
+        return {
+            size: [(GroupName(name), gpus) for name, gpus in groups.items()]
+            for size, groups in pinned.items()
+        }
+
+    def _replan_locked(self) -> None:
+        try:
+            layout = self._plan(self._pins_locked())
+        except layout_mod.LayoutError as exc:  # fewer pins than the plan last met
+            log.error("could not regroup after a release: %s", "; ".join(exc.problems))
+            return
+        self._set_layout_locked(layout)
+
+    def _set_layout_locked(self, layout: Layout) -> None:
+        """Swap the layout in; one log line per group that starts or stops being held
+        over (not on every reload that keeps it so)."""
+        before, after = set(self._layout.held_over), set(layout.held_over)
+        for resource, group in layout.held_over:
+            if (resource, group) not in before:
+                log.info(
+                    "group %s keeps its GPUs while seats are held on it; the configured "
+                    "groups apply once they are released",
+                    group.name,
+                    extra={"resource": resource, "group": group.name, "gpus": group.indices},
+                )
+        for resource, group in self._layout.held_over:
+            if (resource, group) not in after:
+                log.info(
+                    "group %s is no longer held over; the configured groups apply",
+                    group.name,
+                    extra={"resource": resource, "group": group.name, "gpus": group.indices},
+                )
+        self._layout = layout
+        self._places = _places(layout)
 
     def close(self) -> None:
         with self._changed:
@@ -683,6 +758,10 @@ class SeatBoard:
             self._store.save_encoded(self._state_fields())
         except OSError as exc:
             log.error("could not save the seat ledger to %s: %s", self._store.path, exc)
+
+
+def _as_plan(plan: Plan | Layout) -> Plan:
+    return layout_mod.fixed(plan) if isinstance(plan, Layout) else plan
 
 
 def _places(layout: Layout) -> dict[GroupKey, _Place]:

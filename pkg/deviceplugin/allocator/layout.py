@@ -7,7 +7,7 @@ resource and device ID, so a layout can be rebuilt at any time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -19,11 +19,25 @@ MAX_DEVICE_ID_LENGTH = 63
 
 
 class LayoutError(Exception):
-    """The config does not fit the discovered GPUs; one readable line per problem."""
+    """The config does not fit the discovered GPUs; one readable line per problem.
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+    Each problem starts with its key path in the config (``groups[0].gpus: ...``);
+    :meth:`located` puts where that key came from (the file, or a flag) in front.
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        """``problems``: (top-level config key, line starting with its key path)."""
+        self.entries = list(problems)
+        self.problems = [line for _, line in self.entries]
+        super().__init__("\n".join(self.problems))
+
+    def located(self, origin: Callable[[str], str]) -> list[str]:
+        """The problem lines, each after the origin of its top-level key."""
+        return [f"{origin(key)}: {line}" for key, line in self.entries]
+
+
+Pins = Mapping[int, Sequence[tuple[GroupName, tuple[int, ...]]]]
+"""Per group size, the groups with held seats: (name, GPU indices)."""
 
 
 @dataclass(frozen=True)
@@ -91,17 +105,37 @@ class ProfileLayout:
 
 @dataclass(frozen=True)
 class Layout:
-    """Every profile's groups and seats, with a lookup by (resource, device ID)."""
+    """Every profile's groups and seats, with a lookup by (resource, device ID).
+
+    ``held_over``: groups that stay only for their held seats (the config or the
+    topology now asks for something else); ``waiting``: the groups the config asks for
+    that wait for those to be released. Both are empty in a layout that is exactly
+    what the config asks for.
+    """
 
     profiles: Mapping[ResourceName, ProfileLayout]
     topology: Topology
     _seats: Mapping[tuple[ResourceName, DeviceId], Seat] = field(repr=False, compare=False)
+    held_over: tuple[tuple[ResourceName, Group], ...] = ()
+    waiting: tuple[tuple[ResourceName, Group], ...] = ()
 
     @classmethod
-    def of(cls, profiles: Iterable[ProfileLayout], topology: Topology) -> Layout:
+    def of(
+        cls,
+        profiles: Iterable[ProfileLayout],
+        topology: Topology,
+        held_over: Iterable[tuple[ResourceName, Group]] = (),
+        waiting: Iterable[tuple[ResourceName, Group]] = (),
+    ) -> Layout:
         by_resource = {p.resource: p for p in profiles}
         seats = {(s.resource, s.device_id): s for p in by_resource.values() for s in p.seats()}
-        return cls(MappingProxyType(by_resource), topology, MappingProxyType(seats))
+        return cls(
+            MappingProxyType(by_resource),
+            topology,
+            MappingProxyType(seats),
+            tuple(held_over),
+            tuple(waiting),
+        )
 
     def seat(self, resource: ResourceName, device_id: DeviceId) -> Seat | None:
         return self._seats.get((resource, device_id))
@@ -119,76 +153,128 @@ class Layout:
                 yield profile.resource, group
 
 
+Plan = Callable[[Pins], Layout]
+"""The layout a config and a topology give, as a function of the groups held right now:
+the seat board calls it under its lock, so the groups it pins are exactly the held ones."""
+
+
+def fixed(layout: Layout) -> Plan:
+    """A plan that always gives ``layout`` (tests, benchmarks: nothing to pin against)."""
+    return lambda _pins: layout
+
+
 def build(
     profiles: Sequence[ProfileSpec],
     explicit_groups: Sequence[GroupSpec],
     topology: Topology,
-    healthy: Iterable[int] | None = None,
-    keep: Mapping[int, Sequence[tuple[GroupName, tuple[int, ...]]]] | None = None,
+    pins: Pins | None = None,
 ) -> Layout:
     """Form every profile's groups.
 
-    Explicit groups replace auto grouping for their size. Auto groups partition the
-    ``healthy`` GPUs (default: all). ``keep`` pins groups per size that must survive a
-    regrouping unchanged (groups with held seats are never regrouped under a workload);
-    auto grouping then partitions only the GPUs those pinned groups leave.
+    Explicit groups replace auto grouping for their size; auto groups partition every
+    GPU of the topology. A group with held seats never changes under its holders
+    (``pins``): where the config or the topology now asks for something else, the held
+    group stays as it is (``held_over``), the groups the config asks for are formed
+    only where they leave its GPUs and its name alone, and auto grouping partitions
+    the GPUs the held groups leave. Once nothing is held over, the layout is exactly
+    what the config asks for, whatever was held before.
     """
     known = set(topology.indices)
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     explicit_by_size: dict[int, list[GroupSpec]] = {}
     for position, spec in enumerate(explicit_groups):
         unknown = [i for i in spec.gpus if i not in known]
         if unknown:
             problems.append(
-                f"groups[{position}] ({spec.name}): unknown GPU index "
-                f"{', '.join(map(str, unknown))} (this node has "
-                f"{_describe_indices(topology.indices)})"
+                (
+                    "groups",
+                    f"groups[{position}].gpus: unknown GPU index "
+                    f"{', '.join(map(str, unknown))} in group {spec.name} (this node has "
+                    f"{_describe_indices(topology.indices)})",
+                )
             )
         explicit_by_size.setdefault(len(spec.gpus), []).append(spec)
     if problems:
         raise LayoutError(problems)
 
-    usable = sorted(set(topology.indices if healthy is None else healthy) & known)
     layouts: list[ProfileLayout] = []
-    for profile in profiles:
+    held_over: list[tuple[ResourceName, Group]] = []
+    waiting: list[tuple[ResourceName, Group]] = []
+    for position, profile in enumerate(profiles):
+        pinned = {
+            name: members
+            for name, members in (pins or {}).get(profile.size, ())
+            if set(members) <= known
+        }
         explicit = explicit_by_size.get(profile.size)
-        if explicit is not None:
-            groups = tuple(
-                Group(spec.name, tuple(topology.gpu(i) for i in spec.gpus)) for spec in explicit
+        try:
+            wanted = (
+                [(spec.name, spec.gpus) for spec in explicit]
+                if explicit is not None
+                else _auto_groups(topology, profile.size, topology.indices)
             )
-        else:
-            groups = _auto_groups(
-                topology, profile.size, usable, (keep or {}).get(profile.size, ())
+            stale = [(n, m) for n, m in pinned.items() if (n, tuple(m)) not in set(wanted)]
+            if not stale:
+                chosen = wanted
+            else:
+                taken = {i for members in pinned.values() for i in members}
+                candidates = (
+                    wanted
+                    if explicit is not None
+                    else _auto_groups(
+                        topology, profile.size, [i for i in topology.indices if i not in taken]
+                    )
+                )
+                formed = [(n, m) for n, m in candidates if n not in pinned and taken.isdisjoint(m)]
+                chosen = sorted([*pinned.items(), *formed], key=lambda item: item[1])
+                held_over.extend((profile.resource, _group(topology, n, m)) for n, m in stale)
+                waiting.extend(
+                    (profile.resource, _group(topology, n, m))
+                    for n, m in wanted
+                    if (n, m) not in formed and pinned.get(n) != m
+                )
+        except _TooManyGpus as exc:
+            problems.append(
+                (
+                    "profiles",
+                    f"profiles[{position}] ({profile.resource}): auto grouping forms "
+                    f"{profile.size}-GPU groups on at most {grouping.MAX_EXACT_GPUS} GPUs, "
+                    f"this node has {exc.count}; list this size's groups under 'groups'",
+                )
             )
+            continue
+        groups = tuple(_group(topology, name, members) for name, members in chosen)
         for group in groups:
             longest = seat_id(group.name, profile.seats_per_group - 1)
             if len(longest) > MAX_DEVICE_ID_LENGTH:
                 problems.append(
-                    f"{profile.resource}: device ID {longest!r} is longer than "
-                    f"{MAX_DEVICE_ID_LENGTH} characters"
+                    (
+                        "profiles",
+                        f"profiles[{position}] ({profile.resource}): device ID {longest!r} "
+                        f"is longer than {MAX_DEVICE_ID_LENGTH} characters",
+                    )
                 )
         layouts.append(ProfileLayout(profile, groups))
     if problems:
         raise LayoutError(problems)
-    return Layout.of(layouts, topology)
+    return Layout.of(layouts, topology, held_over, waiting)
+
+
+class _TooManyGpus(Exception):
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+def _group(topology: Topology, name: GroupName, members: Sequence[int]) -> Group:
+    return Group(name, tuple(topology.gpu(i) for i in members))
 
 
 def _auto_groups(
-    topology: Topology,
-    size: int,
-    usable: Sequence[int],
-    pinned: Sequence[tuple[GroupName, tuple[int, ...]]],
-) -> tuple[Group, ...]:
-    pinned_gpus = {i for _, members in pinned for i in members}
-    free = [i for i in usable if i not in pinned_gpus]
-    formed = [
-        (GroupName(grouping.group_name(m, topology.indices)), m)
-        for m in grouping.partition(topology, size, free)
-    ]
-    present = set(topology.indices)
-    kept = [(name, members) for name, members in pinned if set(members) <= present]
-    every = sorted(kept + formed, key=lambda item: item[1])
-    return tuple(Group(name, tuple(topology.gpu(i) for i in members)) for name, members in every)
+    topology: Topology, size: int, gpus: Sequence[int]
+) -> list[tuple[GroupName, tuple[int, ...]]]:
+    if size > 1 and len(gpus) > grouping.MAX_EXACT_GPUS:
+        raise _TooManyGpus(len(gpus))
+    return [(grouping.group_name(m), m) for m in grouping.partition(topology, size, gpus)]
 
 
 def _describe_indices(indices: Sequence[int]) -> str:

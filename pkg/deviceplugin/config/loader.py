@@ -68,7 +68,7 @@ def validate(
     problems: list[str] = []
     origins: dict[str, str] = {}
     for key, raw in (overrides or {}).items():
-        origin = _origin(overrides, key)
+        origin = origin_of(overrides, key)
         try:
             merged[key] = parse_override(key, raw)
         except ValueError as error:
@@ -85,7 +85,8 @@ def validate(
     return config
 
 
-def _origin(overrides: Mapping[str, str] | None, key: str) -> str:
+def origin_of(overrides: Mapping[str, str] | None, key: str) -> str:
+    """The flag (or env var) that set config key ``key``."""
     if isinstance(overrides, flags.Overrides) and key in overrides.origins:
         return overrides.origins[key]
     return f"{flags.flag_name(key)}/{flags.env_name(key)}"

@@ -209,6 +209,10 @@ class Config(_Model):
     """Prefer seats on the least used groups (spread) or fill groups up first (pack)."""
     device_list_strategy: Literal["envvar", "cdi"] = "envvar"
     """Hand GPUs to containers as device specs (envvar) or as CDI device names (cdi)."""
+    cuda_visible_devices: Literal["ordinal", "index", "uuid"] = "ordinal"
+    """What CUDA_VISIBLE_DEVICES lists: the container's own ordinals 0..n-1 (ordinal:
+    under the NVIDIA runtime or CDI a container sees only its GPUs), host indices (index:
+    containers that see every GPU), or UUIDs (uuid: right in both cases)."""
     drain: tuple[CheckedGroupName, ...] = ()
     """Group names that take no new seats (comma-separated or a YAML list)."""
     refresh_interval: Duration = 30.0

@@ -19,6 +19,7 @@ Live changes:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -68,15 +69,23 @@ def policy_of(config: Config) -> Policy:
         placement=config.preferred_allocation_policy,
         drain=frozenset(GroupName(name) for name in config.drain),
         device_list_strategy=config.device_list_strategy,
+        cuda_visible_devices=config.cuda_visible_devices,
     )
 
 
 def build_layout(
-    config: Config,
-    topology: Topology,
-    keep: Mapping[int, list[tuple[GroupName, tuple[int, ...]]]] | None = None,
+    config: Config, topology: Topology, pins: layout_mod.Pins | None = None
 ) -> layout_mod.Layout:
-    return layout_mod.build(profile_specs(config), group_specs(config), topology, keep=keep)
+    return layout_mod.build(profile_specs(config), group_specs(config), topology, pins)
+
+
+def plan_of(config: Config, topology: Topology) -> layout_mod.Plan:
+    """The layout ``config`` gives on ``topology``, for whatever groups are held."""
+    return functools.partial(build_layout, config, topology)
+
+
+def explicit_gpus(config: Config) -> set[int]:
+    return {index for group in config.groups for index in group.gpus}
 
 
 @dataclass
@@ -88,6 +97,16 @@ class ConfigSource:
 
     def load(self) -> Config:
         return loader.load(self.path, self.overrides)
+
+    def origin(self, key: str) -> str:
+        """Where config key ``key`` (as the file spells it) came from: its flag or env
+        var, else the file (or the built-in default when the default file is absent)."""
+        if key in self.overrides:
+            return loader.origin_of(self.overrides, key)
+        path = self.path or loader.DEFAULT_CONFIG_PATH
+        if self.path is None and not path.exists() and not path.is_symlink():
+            return loader.BUILTIN_SOURCE
+        return str(path)
 
     def fingerprint(self) -> str | None:
         """A digest of the file's content now (through symlinks); None when unreadable."""
@@ -136,20 +155,23 @@ class Runtime:
         self.config = config
         self.backend = backend
         self.source = source
-        self.topology = topology if topology is not None else backend.discover()
+        discovered = topology if topology is not None else backend.discover()
+        # A GPU that is off the bus right now but named by the config's groups, or
+        # (below) under held seats, comes back from the topology cache: Unhealthy
+        # until it answers, instead of an unknown index that stops every profile.
+        self.topology = self._with_lost_gpus(discovered, explicit_gpus(config))
         self.board = SeatBoard(
-            build_layout(config, self.topology),
+            plan_of(config, self.topology),
             policy_of(config),
             StateStore(config.state_dir),
             release_grace_s=config.release_grace_period,
             dev_root=dev_root,
         )
-        # The ledger may hold seats of groups formed on other hardware, or on GPUs that
-        # are off the bus right now (known from the topology cache): pin them.
-        held = self.board.held_groups()
-        if held:
-            self._restore_lost_gpus(config.state_dir, held)
-            self.board.apply(layout=self._layout_for(config))
+        held = {i for groups in self.board.held_groups().values() for _, m in groups for i in m}
+        restored = self._with_lost_gpus(self.topology, held)
+        if restored is not self.topology:
+            self.topology = restored
+            self.board.apply(plan=plan_of(config, restored))
         topocache.save(config.state_dir, self.topology)
         self.health = HealthMonitor(
             backend,
@@ -207,18 +229,21 @@ class Runtime:
         with self._reload_lock:
             try:
                 new, waiting = self._keep_restart_only(self.source.load())
-                layout = self._layout_for(new)
-            except (loader.ConfigError, layout_mod.LayoutError) as exc:
-                for problem in exc.problems:
-                    log.error("config rejected: %s", problem)
-                log.error("keeping the running config")
-                self.metrics.config_reload(False)
+                topology = self._with_lost_gpus(self.topology, explicit_gpus(new))
+                self.board.apply(plan=plan_of(new, topology), policy=policy_of(new))
+            except loader.ConfigError as exc:
+                self._reject(exc.problems)
                 return False
+            except layout_mod.LayoutError as exc:
+                self._reject(exc.located(self.source.origin))
+                return False
+            if topology is not self.topology:
+                self.topology = topology
+                topocache.save(self.config.state_dir, topology)
             if new.log_format != self.config.log_format:
                 logs.set_format(new.log_format)
             for key in waiting:
                 log.warning("config key %s changed; it takes effect after a restart", key)
-            self.board.apply(layout=layout, policy=policy_of(new))
             self.health.reconfigure(**self._health_policy(new))
             self.config = new
             self.manager.sync()
@@ -229,22 +254,30 @@ class Runtime:
             self.metrics.config_reload(True)
             return True
 
-    def _restore_lost_gpus(
-        self, state_dir: Path, held: Mapping[int, list[tuple[GroupName, tuple[int, ...]]]]
-    ) -> None:
-        cached = topocache.load(state_dir)
+    def _reject(self, problems: list[str]) -> None:
+        for problem in problems:
+            log.error("config rejected: %s", problem)
+        log.error("keeping the running config")
+        self.metrics.config_reload(False)
+
+    def _with_lost_gpus(self, topology: Topology, needed: set[int]) -> Topology:
+        """``topology`` plus the GPUs in ``needed`` that it lacks and the topology cache
+        knows (the same object when there are none)."""
+        if needed <= set(topology.indices):
+            return topology
+        cached = topocache.load(self.config.state_dir)
         if cached is None:
-            return
-        needed = {index for groups in held.values() for _, gpus in groups for index in gpus}
-        self.topology, restored = topocache.restore(cached, self.topology, needed)
+            return topology
+        merged, restored = topocache.restore(cached, topology, needed)
         for gpu in restored:
             log.warning(
-                "GPU %s (%s) is missing, but held seats are on it: keeping it from the "
-                "topology cache (Unhealthy until it answers)",
+                "GPU %s (%s) is missing, but the config's groups or held seats need it: "
+                "keeping it from the topology cache (Unhealthy until it answers)",
                 gpu.index,
                 gpu.uuid,
                 extra={"gpu": gpu.index},
             )
+        return merged
 
     def refresh_topology(self) -> None:
         try:
@@ -264,7 +297,7 @@ class Runtime:
             for index in added:
                 log.info("GPU %s appeared", index, extra={"gpu": index})
             try:
-                self.board.apply(layout=self._layout_for(self.config))
+                self.board.apply(plan=plan_of(self.config, merged))
             except layout_mod.LayoutError as exc:
                 log.error("new GPUs not grouped: %s", "; ".join(exc.problems))
             self.manager.sync()
@@ -277,9 +310,6 @@ class Runtime:
             "ignored_xids": config.ignored_xids,
             "xid_recovery": config.xid_recovery,
         }
-
-    def _layout_for(self, config: Config) -> layout_mod.Layout:
-        return build_layout(config, self.topology, keep=self.board.held_groups())
 
     def _keep_restart_only(self, new: Config) -> tuple[Config, list[str]]:
         """``new`` with the running values of the keys that wait for a restart, and the

@@ -50,18 +50,20 @@ def partition(topology: Topology, size: int, gpus: Iterable[int] | None = None) 
     return _Search(topology, indices, size).best()
 
 
-def group_name(members: Sequence[int], all_indices: Iterable[int]) -> GroupName:
-    """``G`` and the member indices: ``G01``, ``G0123``, ``G5``.
+def group_name(members: Sequence[int]) -> GroupName:
+    """``G`` and the member indices: ``G01``, ``G0123``, ``G5``, ``G12``.
 
-    On a node with an index of 10 or more the indices are joined with dashes
-    (``G10-11``, ``G1-2``) so that a pair never reads like a single GPU (``G12``).
+    A group with a member of 10 or more joins its indices with dashes (``G10-11``,
+    ``G9-10``) so that a pair never reads like another pair. The name depends on the
+    members alone, never on which other GPUs the node has at the moment: a node whose
+    GPUs 10 and up are off the bus at a restart keeps every name.
     """
     ordered = sorted(members)
     if not ordered:
         raise ValueError("a group needs at least one GPU")
     if any(index < 0 for index in ordered):
         raise ValueError(f"GPU indices must not be negative: {ordered}")
-    wide = max(itertools.chain(ordered, all_indices)) >= 10
+    wide = len(ordered) > 1 and ordered[-1] >= 10
     return GroupName("G" + ("-" if wide else "").join(str(index) for index in ordered))
 
 

@@ -42,8 +42,10 @@ def test_allocate_returns_envs_annotations_and_minor_device_nodes(
     (tmp_path / "root" / "dev" / "nvidia-uvm").touch()
     board = make_board()
     [answer] = board.allocate(R2, [["G23-s1"]])
+    # Under the NVIDIA runtime the container sees GPUs 2 and 3 as its CUDA devices 0, 1.
     assert answer.envs == {
-        "CUDA_VISIBLE_DEVICES": "2,3",
+        "CUDA_VISIBLE_DEVICES": "0,1",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "NVIDIA_VISIBLE_DEVICES": "GPU-00000002-aaaa-bbbb-cccc-dddddddddddd,"
         "GPU-00000003-aaaa-bbbb-cccc-dddddddddddd",
         "KYB_GPU_GROUP": "G23",
@@ -51,8 +53,10 @@ def test_allocate_returns_envs_annotations_and_minor_device_nodes(
         "KYB_SEAT_GEN": "1",
         "KYB_GPU_UUIDS": "GPU-00000002-aaaa-bbbb-cccc-dddddddddddd,"
         "GPU-00000003-aaaa-bbbb-cccc-dddddddddddd",
+        "KYB_GPU_INDICES": "2,3",
         "KYB_RESOURCE": "kyb.ai/gpu-2x-seat",
     }
+    assert answer.annotations["kyb.ai/gpu-indices"] == "2,3"
     assert answer.annotations["kyb.ai/gpu-group"] == "G23"
     assert answer.annotations["kyb.ai/gpu-seat"] == "G23-s1"
     assert answer.annotations["kyb.ai/seat-gen"] == "1"
@@ -66,13 +70,16 @@ def test_allocate_returns_envs_annotations_and_minor_device_nodes(
     assert answer.cdi_devices == ()
 
 
-def test_several_seats_list_their_facts_comma_separated_in_order(make_board: MakeBoard) -> None:
+def test_several_seats_list_their_facts_comma_separated_in_pci_bus_order(
+    make_board: MakeBoard,
+) -> None:
     board = make_board()
     [answer] = board.allocate(R1, [["G3-s0", "G1-s2"]])
-    assert answer.envs["KYB_GPU_SEAT"] == "G3-s0,G1-s2"
-    assert answer.envs["KYB_GPU_GROUP"] == "G3,G1"
+    assert answer.envs["KYB_GPU_SEAT"] == "G1-s2,G3-s0"
+    assert answer.envs["KYB_GPU_GROUP"] == "G1,G3"
     assert answer.envs["KYB_SEAT_GEN"] == "1,1"
-    assert answer.envs["CUDA_VISIBLE_DEVICES"] == "3,1"
+    assert answer.envs["KYB_GPU_INDICES"] == "1,3"
+    assert answer.envs["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
 def test_cdi_strategy_names_cdi_devices_instead_of_device_nodes(make_board: MakeBoard) -> None:
@@ -264,7 +271,7 @@ def test_seat_removed_from_the_layout_while_held_stays_unhealthy_until_released(
         [layout.GroupSpec(GroupName("G01"), (0, 1)), layout.GroupSpec(GroupName("G23"), (2, 3))],
         smaller.topology,
     )
-    board.apply(layout=fewer)
+    board.apply(plan=fewer)
     ids = {d.device_id: d.healthy for d in board.devices(R2)}
     assert ids[DeviceId("G23-s2")] is False
     board.reconcile({(R2, DeviceId("G23-s2")): POD_A})

@@ -119,7 +119,7 @@ class IncrementalMachine(RuleBasedStateMachine):
         policy = Policy(
             allow_overprovision=overprovision, drain=frozenset(GroupName(g) for g in drain)
         )
-        self.board.apply(layout=build(seats_2x), policy=policy)
+        self.board.apply(plan=build(seats_2x), policy=policy)
 
     @invariant()
     def snapshot_equals_a_full_rebuild(self) -> None:

@@ -105,7 +105,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def change_config(self, seats_2x: int, overprovision: bool) -> None:
         self.seats_2x, self.overprovision = seats_2x, overprovision
         self.ever_overprovisioned |= overprovision
-        self.board.apply(layout=build(seats_2x), policy=Policy(allow_overprovision=overprovision))
+        self.board.apply(plan=build(seats_2x), policy=Policy(allow_overprovision=overprovision))
 
     @invariant()
     def generations_never_go_back(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -11,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from pkg.deviceplugin import logs
+from pkg.deviceplugin.allocator.layout import LayoutError
 from pkg.deviceplugin.allocator.tests.support import four_gpus_in_nvlink_pairs
+from pkg.deviceplugin.nvml import fixtures
 from pkg.deviceplugin.nvml.mock import MockBackend
+from pkg.deviceplugin.nvml.topofile import load_topology_file
 from pkg.deviceplugin.server.runtime import ConfigSource, Runtime, merge_topology
 from pkg.deviceplugin.types import Topology
 
@@ -99,3 +103,56 @@ def test_a_gpu_that_appeared_while_another_was_lost_learns_their_link_when_it_re
     assert dict(again.links) == dict(full.links)
     # Nothing new to learn: the same object back, so a refresh does nothing.
     assert merge_topology(again, full)[0] is again
+
+
+GROUPED = (
+    "profiles:\n  - resource: kyb.ai/gpu-2x-seat\n    seatsPerGroup: 2\n"
+    "groups:\n  - name: G01\n    gpus: [0, 1]\n  - name: G23\n    gpus: [2, 3]\n"
+)
+
+
+def test_a_restart_while_a_gpu_of_an_explicit_group_is_off_the_bus_keeps_the_group(
+    root: Path,
+) -> None:
+    config = root / "config.yaml"
+    config.write_text(f"{GROUPED}stateDir: {root / 'state'}\n")
+    overrides = {"kubeletDir": str(root / "dp"), "podResourcesSocket": str(root / "pr.sock")}
+    source = ConfigSource(config, overrides)
+    node = load_topology_file(fixtures.resolve("pcie-2numa-4"))
+    Runtime(source.load(), MockBackend(node), source=source).stop()  # caches the topology
+    lost = root / "lost.json"
+    lost.write_text(json.dumps({**node.to_data(), "faults": [{"gpu": 3, "at": 0, "kind": "lost"}]}))
+
+    # Before, the restart stopped with "unknown GPU index 3" (exit 2): every profile down.
+    rt = Runtime(source.load(), MockBackend(load_topology_file(lost)), source=source)
+    try:
+        rt.health.probe_once()
+        g23 = rt.board.status()["resources"]["kyb.ai/gpu-2x-seat"]["groups"]["G23"]
+        assert g23["gpus"] == [2, 3] and g23["health"] == "Unhealthy"
+        assert (
+            rt.board.status()["resources"]["kyb.ai/gpu-2x-seat"]["groups"]["G01"]["health"]
+            == "Healthy"
+        )
+    finally:
+        rt.stop()
+
+    # A GPU the cache does not know either is the config's error, naming file and key.
+    (root / "state" / "topology.json").unlink()
+    with pytest.raises(LayoutError) as err:
+        Runtime(source.load(), MockBackend(load_topology_file(lost)), source=source)
+    assert err.value.located(source.origin) == [
+        f"{config}: groups[1].gpus: unknown GPU index 3 in group G23 "
+        "(this node has GPU indices 0, 1, 2)"
+    ]
+
+
+def test_a_reload_naming_an_unknown_gpu_is_rejected_with_the_file_and_key(
+    runtime: Runtime, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (root / "config.yaml").write_text(base(root) + "groups:\n  - name: G07\n    gpus: [0, 7]\n")
+    assert not runtime.reload()
+    rejected = [r.getMessage() for r in caplog.records if "config rejected" in r.getMessage()]
+    assert rejected == [
+        f"config rejected: {root / 'config.yaml'}: groups[0].gpus: unknown GPU index 7 "
+        "in group G07 (this node has GPU indices 0, 1, 2, 3)"
+    ]

@@ -1,0 +1,238 @@
+"""A held group never changes under its holder, whatever the config does (SPEC 4).
+
+A model-based test: random Allocates, pod deletions, reconciles, restarts and config
+changes (explicit groups redefined, renamed, swapped, dropped for auto grouping) against
+the seat board, with the invariants checked after every step:
+- a held seat keeps the group name and GPUs it was bound on until it is released;
+- within a profile, group names are unique, groups share no GPU, no device ID is listed
+  twice;
+- the layout is always the one the config gives for the groups held right now (so once
+  they are released, exactly the config's groups);
+- what the board shows equals a full rebuild (no fence outlives its holder);
+- no GPU is held by two profiles.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from pkg.deviceplugin.allocator import layout
+from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
+from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.store import StateStore
+from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, four_gpus_in_nvlink_pairs
+from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
+
+TOPOLOGY = four_gpus_in_nvlink_pairs()
+PROFILES = [layout.ProfileSpec(R1, 1, 2), layout.ProfileSpec(R2, 2, 2)]
+
+
+def groups(*specs: tuple[str, tuple[int, ...]]) -> tuple[layout.GroupSpec, ...]:
+    return tuple(layout.GroupSpec(GroupName(name), gpus) for name, gpus in specs)
+
+
+CONFIGS: dict[str, tuple[layout.GroupSpec, ...]] = {
+    "auto": (),
+    "seed": groups(("G01", (0, 1)), ("G23", (2, 3))),
+    "moved": groups(("G01", (0, 2)), ("G13", (1, 3))),
+    # the name auto grouping gives GPUs 2, 3, on GPUs 0, 1
+    "colliding": groups(("G23", (0, 1))),
+    "swapped": groups(("G01", (2, 3)), ("G23", (0, 1))),
+    "singles": groups(("A", (3,)), ("B", (2,)), ("C", (1,)), ("D", (0,))),
+}
+
+
+def plan_for(name: str) -> layout.Plan:
+    def plan(pins: layout.Pins) -> layout.Layout:
+        return layout.build(PROFILES, CONFIGS[name], TOPOLOGY, pins)
+
+    return plan
+
+
+def seats_of(lay: layout.Layout, resource: ResourceName) -> list[str]:
+    return [s.device_id for s in lay.seats(resource)]
+
+
+class HeldGroupsMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="kyb-held-"))
+        self.clock = Clock()
+        self.config = "seed"
+        self.board = self._open()
+        # (resource, seat) -> (pod, group name, GPUs) as the pod received them
+        self.held: dict[tuple[ResourceName, str], tuple[str, str, tuple[int, ...]]] = {}
+        self.next_pod = 0
+
+    def _open(self) -> SeatBoard:
+        return SeatBoard(
+            plan_for(self.config),
+            Policy(),
+            StateStore(self.dir),
+            release_grace_s=60,
+            clock=self.clock,
+        )
+
+    def _observed(self) -> dict[tuple[ResourceName, DeviceId], Holder]:
+        return {
+            (r, DeviceId(d)): Holder("ns", p, "main") for (r, d), (p, _, _) in self.held.items()
+        }
+
+    @rule(resource=st.sampled_from([R1, R2]), pick=st.integers(0, 31))
+    def allocate(self, resource: ResourceName, pick: int) -> None:
+        offered = seats_of(self.board.layout, resource)
+        if not offered:
+            return
+        seat = offered[pick % len(offered)]
+        try:
+            [answer] = self.board.allocate(resource, [[seat]], self._observed())
+        except AllocationError:
+            return
+        gpus = tuple(int(i) for i in answer.envs["KYB_GPU_INDICES"].split(","))
+        known = self.held.get((resource, seat))
+        if known is not None:
+            # the same live binding: the same group and GPUs as its holder got before
+            assert (answer.envs["KYB_GPU_GROUP"], gpus) == known[1:], (known, answer.envs)
+            return
+        self.held[(resource, seat)] = (f"p{self.next_pod}", answer.envs["KYB_GPU_GROUP"], gpus)
+        self.next_pod += 1
+
+    @precondition(lambda self: bool(self.held))
+    @rule(data=st.data())
+    def delete_pod(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.held)))
+        del self.held[key]
+
+    @rule()
+    def reconcile(self) -> None:
+        self.board.reconcile(self._observed())
+
+    @rule(config=st.sampled_from(sorted(CONFIGS)))
+    def change_config(self, config: str) -> None:
+        self.config = config
+        self.board.apply(plan=plan_for(config))
+
+    @rule(clean=st.booleans())
+    def restart(self, clean: bool) -> None:
+        if clean:
+            self.board.close()
+            self.board.flush()
+        self.board = self._open()
+
+    @invariant()
+    def a_held_seat_keeps_the_group_and_gpus_it_was_bound_on(self) -> None:
+        bindings = dict(self.board._ledger.held())  # type: ignore[attr-defined]
+        for (resource, seat), (_, group, gpus) in self.held.items():
+            binding = bindings.get((resource, DeviceId(seat)))
+            if binding is None:  # released on evidence: its pod is gone
+                continue
+            assert (binding.group, binding.gpus) == (group, gpus)
+            shown = self.board.layout.seat(resource, DeviceId(seat))
+            assert shown is not None, f"{seat} of {resource} vanished under its holder"
+            assert (shown.group.name, shown.group.indices) == (group, gpus), (seat, shown)
+
+    @invariant()
+    def names_are_unique_and_groups_disjoint_within_a_profile(self) -> None:
+        for resource, profile in self.board.layout.profiles.items():
+            names = [g.name for g in profile.groups]
+            assert len(set(names)) == len(names), (resource, names)
+            members = [i for g in profile.groups for i in g.indices]
+            assert len(set(members)) == len(members), (resource, profile.groups)
+            ids = [d.device_id for d in self.board.devices(resource)]
+            assert len(set(ids)) == len(ids), (resource, ids)
+
+    @invariant()
+    def the_layout_is_the_configs_for_the_groups_held_now(self) -> None:
+        expected = plan_for(self.config)(self.board.held_groups())
+        assert self.board.layout.profiles == expected.profiles
+        if not self.board.held_groups():
+            assert not self.board.layout.held_over
+            assert self.board.layout.profiles == plan_for(self.config)({}).profiles
+
+    @invariant()
+    def what_is_shown_equals_a_full_rebuild(self) -> None:
+        board = self.board
+        with board._lock:  # type: ignore[attr-defined]
+            shown = board._snapshot  # type: ignore[attr-defined]
+            full = board._build_snapshot(shown.version)  # type: ignore[attr-defined]
+        assert shown.seats == full.seats
+        assert shown.devices == full.devices
+
+    @invariant()
+    def no_gpu_is_held_by_two_profiles(self) -> None:
+        holders: dict[int, set[str]] = {}
+        for (resource, _), binding in self.board._ledger.held():  # type: ignore[attr-defined]
+            for gpu in binding.gpus:
+                holders.setdefault(gpu, set()).add(resource)
+        assert all(len(r) == 1 for r in holders.values()), holders
+
+
+HeldGroupsMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None
+)
+TestHeldGroups = HeldGroupsMachine.TestCase
+
+
+def held_board(config: str = "seed") -> SeatBoard:
+    return SeatBoard(plan_for(config), Policy(), None, release_grace_s=60, clock=Clock())
+
+
+def test_an_explicit_group_redefined_under_its_holder_stays_until_released() -> None:
+    board = held_board()
+    [first] = board.allocate(R2, [["G01-s0"]])
+    board.reconcile({(R2, DeviceId("G01-s0")): Holder("ns", "a", "main")})
+    board.apply(plan=plan_for("moved"))
+    [again] = board.allocate(R2, [["G01-s0"]])
+    assert again.envs["KYB_GPU_INDICES"] == first.envs["KYB_GPU_INDICES"] == "0,1"
+    assert board.status()["resources"][R2]["groups"]["G01"]["gpus"] == [0, 1]
+    board.reconcile({})  # the holder is gone
+    assert board.status()["resources"][R2]["groups"]["G01"]["gpus"] == [0, 2]
+    # no fence of the old G01 is left on the 1x seats of GPU 1 or 3
+    assert {v.state for v in board.seat_views(R1).values()} == {"free"}
+
+
+def test_a_held_groups_name_is_never_listed_twice() -> None:
+    board = held_board()
+    board.allocate(R2, [["G23-s1"]])
+    board.apply(plan=plan_for("colliding"))  # G23 is now GPUs 0, 1 in the config
+    ids = [d.device_id for d in board.devices(R2)]
+    assert len(ids) == len(set(ids))
+    [again] = board.allocate(R2, [["G23-s1"]])
+    assert again.envs["KYB_GPU_INDICES"] == "2,3"
+    assert board.status()["resources"][R2]["groups"]["G23"]["gpus"] == [2, 3]
+
+
+def test_a_seat_bound_while_a_new_layout_is_decided_keeps_its_group() -> None:
+    # Before, the runtime read the held groups, built the layout outside the board's
+    # lock and applied it later: a seat bound in between was regrouped under its pod.
+    board = held_board()
+    deciding, go_on = threading.Event(), threading.Event()
+    moved = plan_for("moved")
+
+    def slow_plan(pins: layout.Pins) -> layout.Layout:
+        deciding.set()
+        go_on.wait(5)
+        return moved(pins)
+
+    applier = threading.Thread(target=board.apply, kwargs={"plan": slow_plan})
+    applier.start()
+    assert deciding.wait(5)
+    answers: list[Sequence[object]] = []
+    allocator = threading.Thread(target=lambda: answers.append(board.allocate(R2, [["G01-s0"]])))
+    allocator.start()
+    time.sleep(0.2)  # the Allocate is in flight while the layout is being decided
+    go_on.set()
+    applier.join(5)
+    allocator.join(5)
+    [[answer]] = answers
+    seat = board.layout.seat(R2, DeviceId("G01-s0"))
+    assert seat is not None
+    assert answer.envs["KYB_GPU_INDICES"] == ",".join(map(str, seat.group.indices))  # type: ignore[attr-defined]
