@@ -29,7 +29,9 @@ from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, four_gpus_in_nvlink_pairs
-from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
+from pkg.deviceplugin.nvml import fixtures
+from pkg.deviceplugin.nvml.topofile import load_topology_file
+from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
 
 TOPOLOGY = four_gpus_in_nvlink_pairs()
 PROFILES = [layout.ProfileSpec(R1, 1, 2), layout.ProfileSpec(R2, 2, 2)]
@@ -55,6 +57,10 @@ def plan_for(name: str) -> layout.Plan:
         return layout.build(PROFILES, CONFIGS[name], TOPOLOGY, pins)
 
     return plan
+
+
+def fixtures_topology(name: str) -> Topology:
+    return load_topology_file(fixtures.resolve(name)).topology()
 
 
 def seats_of(lay: layout.Layout, resource: ResourceName) -> list[str]:
@@ -236,3 +242,16 @@ def test_a_seat_bound_while_a_new_layout_is_decided_keeps_its_group() -> None:
     seat = board.layout.seat(R2, DeviceId("G01-s0"))
     assert seat is not None
     assert answer.envs["KYB_GPU_INDICES"] == ",".join(map(str, seat.group.indices))  # type: ignore[attr-defined]
+
+
+def test_group_names_stay_when_the_gpus_from_10_up_are_off_the_bus_at_a_restart() -> None:
+    node = fixtures_topology("nvswitch-16")
+    low = Topology(
+        tuple(g for g in node.gpus if g.index < 10),
+        {pair: link for pair, link in node.links.items() if max(pair) < 10},
+    )
+    specs = [layout.ProfileSpec(R1, 1, 1), layout.ProfileSpec(R2, 2, 1)]
+    full = {(r, g.name): g.indices for r, g in layout.build(specs, (), node).groups()}
+    degraded = {(r, g.name): g.indices for r, g in layout.build(specs, (), low).groups()}
+    assert degraded and all(full.get(key) == members for key, members in degraded.items())
+    assert (R2, "G01") in degraded and (R2, "G10-11") in full
