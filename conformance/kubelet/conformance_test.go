@@ -9,10 +9,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -28,13 +30,13 @@ import (
 // world is one node: kubelet, plugin, and what the plugin's `plan` says the
 // seats are for the same flags.
 type world struct {
-	n      node
-	pods   *podStore
-	k      *kubelet
-	p      *plugin
-	pl     plan
-	minors map[string]int // GPU UUID -> minor number
-	cdi    bool           // deviceListStrategy cdi
+	n    node
+	pods *podStore
+	k    *kubelet
+	p    *plugin
+	pl   plan
+	gpus map[string]topoGPU // the mock topology's GPUs by UUID: minor, PCI bus ID
+	cdi  bool               // deviceListStrategy cdi
 }
 
 // configFlags are the flags of serve that plan understands too.
@@ -62,7 +64,7 @@ func setup(t *testing.T, extra ...string) *world {
 	flags := configFlags(extra)
 	w.pl = loadPlan(t, flags...)
 	_, gpus := fixture(t, flagValue(flags, "--nvml-mock"))
-	w.minors = minorsOf(gpus)
+	w.gpus = byUUID(gpus)
 	w.cdi = flagValue(flags, "--device-list-strategy") == "cdi"
 	w.k = startKubelet(t, w.n.kubeletDir, w.n.podResSock, w.pods)
 	w.p = startPlugin(t, w.n, extra...)
@@ -81,14 +83,6 @@ func flagValue(args []string, flag string) string {
 		}
 	}
 	return ""
-}
-
-func minorsOf(gpus []topoGPU) map[string]int {
-	m := map[string]int{}
-	for _, g := range gpus {
-		m[g.UUID] = g.Minor
-	}
-	return m
 }
 
 // full is capacity = allocatable = every seat of the plan, per resource.
@@ -130,7 +124,7 @@ type podHandle struct{ pod *v1.Pod }
 
 func (w *world) check(t *testing.T, h *podHandle, name, resource string) binding {
 	t.Helper()
-	return checkBinding(t, w.k, w.pl, w.minors, w.cdi, h.pod, name, resource)
+	return checkBinding(t, w.k, w.pl, w.gpus, w.cdi, h.pod, name, resource)
 }
 
 // ------------------------------------------------------------------ tests
@@ -260,6 +254,81 @@ func TestAllocateThroughTheManager(t *testing.T) {
 	}
 }
 
+// Under the NVIDIA container runtime and CDI a container sees only its own
+// GPUs, numbered from 0 in PCI bus order: a 2x seat on GPUs 2 and 3 must get
+// CUDA_VISIBLE_DEVICES=0,1 (host indices 2,3 select no GPU in there) and name
+// its host GPUs in KYB_GPU_INDICES. On dgx-a100, and on a copy of it whose PCI
+// bus IDs run against the indices (GPU 7 first on the bus), where PCI bus
+// order is neither index order nor group name order.
+func TestCUDAOrdinalsStartAtZero(t *testing.T) {
+	raw, gpus := fixture(t, "dgx-a100")
+	entries, ok := raw["gpus"].([]any)
+	if !ok || len(entries) != len(gpus) {
+		t.Fatalf("mock topology dgx-a100: gpus %T", raw["gpus"])
+	}
+	for i, e := range entries {
+		// GPU i gets GPU 7-i's bus ID, spelled as sysfs does (lower case,
+		// 4-digit domain), which the plugin must read as the same number.
+		a := gpus[len(gpus)-1-i].bus
+		e.(map[string]any)["pciBusId"] = fmt.Sprintf("%04x:%02x:%02x.%x", a[0], a[1], a[2], a[3])
+	}
+	b, err := yaml.Marshal(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reversed := filepath.Join(t.TempDir(), "dgx-a100-bus-reversed.yaml")
+	if err := os.WriteFile(reversed, b, 0o640); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, topo := range []string{"dgx-a100", reversed} {
+		backwards := topo == reversed
+		w := setup(t, "--nvml-mock", topo, "--allow-overprovision", "true")
+
+		// Spread puts the next 2x seat on another group: admit until one
+		// lands on a group without GPU 0.
+		var got binding
+		for i := 0; i < w.pl.seatCount(res2x); i++ {
+			got = w.check(t, w.admit(t, pod1(fmt.Sprintf("p%d", i), res2x, 1)), "main", res2x)
+			t.Logf("%s: p%d got %s", filepath.Base(topo), i, got.envs["KYB_GPU_SEAT"])
+			if !slices.Contains(w.pl[res2x][got.groups[0]].GPUs, 0) {
+				break
+			}
+		}
+		group := got.groups[0]
+		host := slices.Sorted(slices.Values(w.pl[res2x][group].GPUs))
+		if slices.Contains(host, 0) {
+			t.Fatalf("%s: every 2x seat landed on a group with GPU 0", topo)
+		}
+		if backwards {
+			slices.Reverse(host)
+		}
+		if cvd := got.envs["CUDA_VISIBLE_DEVICES"]; cvd != "0,1" {
+			t.Errorf("%s: 2x seat on %s (GPUs %v): CUDA_VISIBLE_DEVICES=%q, want 0,1", topo, group, host, cvd)
+		}
+		if idx := got.envs["KYB_GPU_INDICES"]; idx != joinInts(host) {
+			t.Errorf("%s: 2x seat on %s: KYB_GPU_INDICES=%q, want %q (PCI bus order)", topo, group, idx, joinInts(host))
+		}
+		t.Logf("%s: 2x seat on %s: %v", filepath.Base(topo), group, got.envs)
+
+		// Several 1x seats: ordinals 0..n-1 for the distinct GPUs, seats in
+		// PCI bus order of their groups (on the reversed copy: G7 before G6).
+		several := w.check(t, w.admit(t, pod1("several", res1x, 3)), "main", res1x)
+		n := sets.New(several.groups...).Len()
+		if cvd := several.envs["CUDA_VISIBLE_DEVICES"]; cvd != ordinals(n) {
+			t.Errorf("%s: 3 seats on %v: CUDA_VISIBLE_DEVICES=%q, want %q", topo, several.groups, cvd, ordinals(n))
+		}
+		for i := 1; i < len(several.groups); i++ {
+			a, c := several.groups[i-1], several.groups[i]
+			if (!backwards && a > c) || (backwards && a < c) {
+				t.Errorf("%s: KYB_GPU_GROUP=%q is not in PCI bus order", topo, several.envs["KYB_GPU_GROUP"])
+				break
+			}
+		}
+		t.Logf("%s: 3 seats: %v", filepath.Base(topo), several.envs)
+	}
+}
+
 // freeAddress is a loopback address with a port nothing listens on now.
 func freeAddress(t *testing.T) string {
 	t.Helper()
@@ -333,6 +402,33 @@ func TestInitContainerDevicesReused(t *testing.T) {
 	for s, g := range in2.gens {
 		if app2.gens[s] != g {
 			t.Errorf("seat %s: KYB_SEAT_GEN %d for init, %d for main", s, g, app2.gens[s])
+		}
+	}
+
+	// Several seats: the kubelet sends the app container's Allocate with
+	// init's IDs in an order of its own (set iteration, different from call
+	// to call), yet it is the same binding, so the app container must get
+	// the very same envs and annotations. A small Go map iterates from a
+	// random offset, so two calls often agree on the order: several pods,
+	// some with many seats, so that they disagree in some.
+	for i, s := range []struct {
+		resource string
+		n        int64
+	}{{res1x, 2}, {res1x, 3}, {res1x, 6}, {res2x, 4}, {res1x, 6}, {res2x, 4}, {res1x, 6}} {
+		h := w.admit(t, &podSpec{name: fmt.Sprintf("several-%d", i),
+			init: []ctr{{"init", map[string]int64{s.resource: s.n}}},
+			app:  []ctr{{"main", map[string]int64{s.resource: s.n}}},
+		})
+		in := w.check(t, h, "init", s.resource)
+		app := w.check(t, h, "main", s.resource)
+		if !in.ids.Equal(app.ids) || int64(in.ids.Len()) != s.n {
+			t.Fatalf("%s: the manager gave main %v, init %v; want init's %d seats reused", h.pod.Name, sets.List(app.ids), sets.List(in.ids), s.n)
+		}
+		if !maps.Equal(in.envs, app.envs) {
+			t.Errorf("%s (%d x %s): envs differ between init and main, which share the same seats:\n init %v\n main %v", h.pod.Name, s.n, s.resource, in.envs, app.envs)
+		}
+		if !maps.Equal(in.annotations, app.annotations) {
+			t.Errorf("%s (%d x %s): annotations differ between init and main:\n init %v\n main %v", h.pod.Name, s.n, s.resource, in.annotations, app.annotations)
 		}
 	}
 }
@@ -595,7 +691,7 @@ func TestPluginStartsBeforeKubelet(t *testing.T) {
 	n := newNode(t)
 	w := &world{n: n, pods: newPodStore(), pl: loadPlan(t, configFlags(nil)...)}
 	_, gpus := fixture(t, "dgx-a100")
-	w.minors = minorsOf(gpus)
+	w.gpus = byUUID(gpus)
 	w.p = startPlugin(t, n)
 	time.Sleep(3 * time.Second)
 	if !w.p.running() {

@@ -619,14 +619,16 @@ func (p plan) groupsWithGPU(resource string, i int) []string {
 
 // topoGPU is one GPU of an NVML mock topology file (SPEC section 9).
 type topoGPU struct {
-	Index int    `json:"index"`
-	UUID  string `json:"uuid"`
-	Minor int    `json:"minor"`
+	Index    int    `json:"index"`
+	UUID     string `json:"uuid"`
+	Minor    int    `json:"minor"`
+	PCIBusID string `json:"pciBusId"`
+	bus      pciAddress
 }
 
 // fixture reads a mock topology file, or a built-in one by name
 // (pkg/deviceplugin/nvml/fixtures),
-// for the minor numbers, which `plan` does not show.
+// for the minor numbers and PCI bus IDs, which `plan` does not show.
 func fixture(t *testing.T, name string) (raw map[string]any, gpus []topoGPU) {
 	t.Helper()
 	path := name
@@ -646,7 +648,62 @@ func fixture(t *testing.T, name string) (raw map[string]any, gpus []topoGPU) {
 	if err := yaml.Unmarshal(b, &doc); err != nil {
 		t.Fatalf("mock topology %s: %v", name, err)
 	}
+	for i := range doc.GPUs {
+		if doc.GPUs[i].bus, err = parsePCIBusID(doc.GPUs[i].PCIBusID); err != nil {
+			t.Fatalf("mock topology %s, GPU %d: %v", name, doc.GPUs[i].Index, err)
+		}
+	}
 	return raw, doc.GPUs
+}
+
+// pciAddress is a PCI bus ID as numbers: domain, bus, device, function.
+// CUDA_DEVICE_ORDER=PCI_BUS_ID numbers a container's GPUs in this order.
+type pciAddress [4]uint64
+
+var pciBusIDPattern = regexp.MustCompile(`^(?:([0-9a-fA-F]{1,8}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$`)
+
+// parsePCIBusID reads domain:bus:device.function in hex, whatever the case
+// or the domain's width (NVML has printed 4 and 8 digits; sysfs lower case).
+func parsePCIBusID(s string) (pciAddress, error) {
+	m := pciBusIDPattern.FindStringSubmatch(strings.TrimSpace(s))
+	if m == nil {
+		return pciAddress{}, fmt.Errorf("pciBusId %q is not domain:bus:device.function", s)
+	}
+	var a pciAddress
+	for i, part := range m[1:] {
+		if part == "" {
+			continue // no domain: 0
+		}
+		v, err := strconv.ParseUint(part, 16, 64)
+		if err != nil {
+			return pciAddress{}, fmt.Errorf("pciBusId %q: %v", s, err)
+		}
+		a[i] = v
+	}
+	return a, nil
+}
+
+func (a pciAddress) compare(b pciAddress) int {
+	for i := range a {
+		if a[i] != b[i] {
+			if a[i] < b[i] {
+				return -1
+			}
+			return 1
+		}
+	}
+	return 0
+}
+
+// compareBuses orders two sorted lists of PCI addresses element by element,
+// a list before the longer lists it is a prefix of.
+func compareBuses(a, b []pciAddress) int {
+	for i := 0; i < len(a) && i < len(b); i++ {
+		if c := a[i].compare(b[i]); c != 0 {
+			return c
+		}
+	}
+	return len(a) - len(b)
 }
 
 // ---------------------------------------------------------------- checks
@@ -701,6 +758,7 @@ type binding struct {
 	cdi         []string
 	gens        map[string]int // seat -> generation
 	groups      []string       // groups in seat order
+	gpus        []int          // KYB_GPU_INDICES: host indices, CUDA ordinal order
 }
 
 func list(s string) []string {
@@ -710,9 +768,37 @@ func list(s string) []string {
 	return strings.Split(s, ",")
 }
 
+func joinInts(xs []int) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = strconv.Itoa(x)
+	}
+	return strings.Join(s, ",")
+}
+
+// ordinals is "0,1,...,n-1": the CUDA ordinals of a container that sees only
+// its own n GPUs.
+func ordinals(n int) string {
+	xs := make([]int, n)
+	for i := range xs {
+		xs[i] = i
+	}
+	return joinInts(xs)
+}
+
+// byUUID indexes a mock topology's GPUs by UUID.
+func byUUID(gpus []topoGPU) map[string]topoGPU {
+	m := map[string]topoGPU{}
+	for _, g := range gpus {
+		m[g.UUID] = g
+	}
+	return m
+}
+
 // checkBinding reads a container's allocation and checks it against SPEC
-// section 4 for the given plan and GPU minors.
-func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, cdi bool, pod *v1.Pod, name, resource string) binding {
+// section 4 for the given plan and the GPUs of the mock topology (by UUID:
+// minor numbers and PCI bus IDs).
+func checkBinding(t *testing.T, k *kubelet, pl plan, gpus map[string]topoGPU, cdi bool, pod *v1.Pod, name, resource string) binding {
 	t.Helper()
 	opts, err := k.runOptions(pod, name)
 	if err != nil {
@@ -758,7 +844,16 @@ func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, cdi 
 		t.Fatalf("%s: KYB_GPU_SEAT=%q KYB_GPU_GROUP=%q KYB_SEAT_GEN=%q: want one entry per seat",
 			where, b.envs["KYB_GPU_SEAT"], b.envs["KYB_GPU_GROUP"], b.envs["KYB_SEAT_GEN"])
 	}
-	wantIdx, wantUUID := sets.New[int](), sets.New[string]()
+	// The GPUs of the seats' groups, once each (two seats of one group count
+	// once), and for each seat the sort key of SPEC section 4: its group's
+	// GPUs' PCI bus IDs, the group name, the seat number.
+	type seatKey struct {
+		seat, group string
+		k           int
+		buses       []pciAddress
+	}
+	var keys []seatKey
+	mine := map[int]topoGPU{}
 	for i, seat := range seats {
 		m := seatIDPattern.FindStringSubmatch(seat)
 		if m == nil || m[1] != groups[i] {
@@ -776,45 +871,87 @@ func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, cdi 
 		}
 		b.gens[seat] = gen
 		b.groups = append(b.groups, groups[i])
-		wantIdx.Insert(g.GPUs...)
-		wantUUID.Insert(g.UUIDs...)
+		key := seatKey{seat: seat, group: groups[i]}
+		key.k, _ = strconv.Atoi(m[2])
+		for j, index := range g.GPUs {
+			gpu, ok := gpus[g.UUIDs[j]]
+			if !ok || gpu.Index != index {
+				t.Fatalf("%s: the plan's GPU %d (%s) of %s is not in the mock topology", where, index, g.UUIDs[j], groups[i])
+			}
+			mine[index] = gpu
+			key.buses = append(key.buses, gpu.bus)
+		}
+		sort.Slice(key.buses, func(x, y int) bool { return key.buses[x].compare(key.buses[y]) < 0 })
+		keys = append(keys, key)
 	}
 
-	idx := list(b.envs["CUDA_VISIBLE_DEVICES"])
-	uuids := list(b.envs["NVIDIA_VISIBLE_DEVICES"])
+	// One stable seat order, whatever order the kubelet sent the IDs in.
+	sorted := append([]seatKey(nil), keys...)
+	sort.SliceStable(sorted, func(x, y int) bool {
+		a, c := sorted[x], sorted[y]
+		if d := compareBuses(a.buses, c.buses); d != 0 {
+			return d < 0
+		}
+		if a.group != c.group {
+			return a.group < c.group
+		}
+		return a.k < c.k
+	})
+	var wantSeats []string
+	for _, key := range sorted {
+		wantSeats = append(wantSeats, key.seat)
+	}
+	if got, want := b.envs["KYB_GPU_SEAT"], strings.Join(wantSeats, ","); len(keys) == len(seats) && got != want {
+		t.Errorf("%s: KYB_GPU_SEAT=%q, want the seats in the order of their groups' PCI bus IDs, group name, seat number: %q", where, got, want)
+	}
+
+	// The container's GPUs in PCI bus order: position i is CUDA ordinal i.
+	order := make([]topoGPU, 0, len(mine))
+	for _, gpu := range mine {
+		order = append(order, gpu)
+	}
+	sort.Slice(order, func(x, y int) bool {
+		if c := order[x].bus.compare(order[y].bus); c != 0 {
+			return c < 0
+		}
+		return order[x].Index < order[y].Index
+	})
+	var wantIdx []int
+	var wantUUIDs, busIDs []string
+	for _, gpu := range order {
+		wantIdx = append(wantIdx, gpu.Index)
+		wantUUIDs = append(wantUUIDs, gpu.UUID)
+		busIDs = append(busIDs, fmt.Sprintf("%d:%s", gpu.Index, gpu.PCIBusID))
+	}
 	gotIdx := sets.New[int]()
-	for _, s := range idx {
+	for _, s := range list(b.envs["KYB_GPU_INDICES"]) {
 		i, err := strconv.Atoi(s)
 		if err != nil {
-			t.Errorf("%s: CUDA_VISIBLE_DEVICES=%q: %q is not a GPU index", where, b.envs["CUDA_VISIBLE_DEVICES"], s)
+			t.Errorf("%s: KYB_GPU_INDICES=%q: %q is not a GPU index", where, b.envs["KYB_GPU_INDICES"], s)
 		}
 		gotIdx.Insert(i)
+		b.gpus = append(b.gpus, i)
 	}
-	if !gotIdx.Equal(wantIdx) || len(idx) != gotIdx.Len() {
-		t.Errorf("%s: CUDA_VISIBLE_DEVICES=%q, want the indices %v of the seats' groups, once each", where, b.envs["CUDA_VISIBLE_DEVICES"], sets.List(wantIdx))
+	switch {
+	case !gotIdx.Equal(sets.New(wantIdx...)) || len(b.gpus) != gotIdx.Len():
+		t.Errorf("%s: KYB_GPU_INDICES=%q, want the indices %v of the seats' groups, once each", where, b.envs["KYB_GPU_INDICES"], wantIdx)
+	case joinInts(b.gpus) != joinInts(wantIdx):
+		t.Errorf("%s: KYB_GPU_INDICES=%q, want %q: PCI bus ID order (index:bus %v)", where, b.envs["KYB_GPU_INDICES"], joinInts(wantIdx), busIDs)
 	}
-	if !sets.New(uuids...).Equal(wantUUID) || len(uuids) != wantUUID.Len() {
-		t.Errorf("%s: NVIDIA_VISIBLE_DEVICES=%q, want the UUIDs %v, once each", where, b.envs["NVIDIA_VISIBLE_DEVICES"], sets.List(wantUUID))
+	// Inside the container (NVIDIA runtime, CDI) the GPUs are 0..n-1: a host
+	// index would select no GPU, or another container's.
+	if got, want := b.envs["CUDA_VISIBLE_DEVICES"], ordinals(len(order)); got != want {
+		t.Errorf("%s: CUDA_VISIBLE_DEVICES=%q, want the container's own ordinals %q (host indices %v)", where, got, want, wantIdx)
 	}
-	// NVIDIA_VISIBLE_DEVICES lists the same GPUs as CUDA_VISIBLE_DEVICES, in
-	// the same order.
-	if len(idx) == len(uuids) {
-		byUUID := map[string]int{}
-		for _, g := range pl[resource] {
-			for j, u := range g.UUIDs {
-				byUUID[u] = g.GPUs[j]
-			}
+	if got := b.envs["CUDA_DEVICE_ORDER"]; got != "PCI_BUS_ID" {
+		t.Errorf("%s: CUDA_DEVICE_ORDER=%q, want PCI_BUS_ID (CUDA's default, FASTEST_FIRST, need not match the runtime's numbering)", where, got)
+	}
+	// NVIDIA_VISIBLE_DEVICES and KYB_GPU_UUIDS list the same GPUs as
+	// KYB_GPU_INDICES, in the same order.
+	for _, env := range []string{"NVIDIA_VISIBLE_DEVICES", "KYB_GPU_UUIDS"} {
+		if got, want := b.envs[env], strings.Join(wantUUIDs, ","); got != want {
+			t.Errorf("%s: %s=%q, want the UUIDs of GPUs %v in that order: %q", where, env, got, wantIdx, want)
 		}
-		for j := range idx {
-			if strconv.Itoa(byUUID[uuids[j]]) != idx[j] {
-				t.Errorf("%s: CUDA_VISIBLE_DEVICES=%q and NVIDIA_VISIBLE_DEVICES=%q are not in the same order",
-					where, b.envs["CUDA_VISIBLE_DEVICES"], b.envs["NVIDIA_VISIBLE_DEVICES"])
-				break
-			}
-		}
-	}
-	if !sets.New(list(b.envs["KYB_GPU_UUIDS"])...).Equal(wantUUID) {
-		t.Errorf("%s: KYB_GPU_UUIDS=%q, want the UUIDs %v", where, b.envs["KYB_GPU_UUIDS"], sets.List(wantUUID))
 	}
 	if r := sets.New(list(b.envs["KYB_RESOURCE"])...); !r.Equal(sets.New(resource)) {
 		t.Errorf("%s: KYB_RESOURCE=%q, want %q", where, b.envs["KYB_RESOURCE"], resource)
@@ -822,9 +959,11 @@ func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, cdi 
 
 	// The same facts as CRI annotations under kyb.ai/.
 	for key, env := range map[string]string{
-		"kyb.ai/gpu-group": "KYB_GPU_GROUP",
-		"kyb.ai/gpu-seat":  "KYB_GPU_SEAT",
-		"kyb.ai/seat-gen":  "KYB_SEAT_GEN",
+		"kyb.ai/gpu-group":   "KYB_GPU_GROUP",
+		"kyb.ai/gpu-seat":    "KYB_GPU_SEAT",
+		"kyb.ai/seat-gen":    "KYB_SEAT_GEN",
+		"kyb.ai/gpu-indices": "KYB_GPU_INDICES",
+		"kyb.ai/gpu-uuids":   "KYB_GPU_UUIDS",
 	} {
 		if got, ok := b.annotations[key]; !ok || got != b.envs[env] {
 			t.Errorf("%s: annotation %s=%q (present %v), want %q like %s", where, key, got, ok, b.envs[env], env)
@@ -841,8 +980,8 @@ func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, cdi 
 		if len(b.devices) != 0 {
 			t.Errorf("%s: deviceListStrategy cdi, but device specs %v", where, b.devices)
 		}
-		if len(b.cdi) != wantUUID.Len() {
-			t.Errorf("%s: CDI devices %v, want one per GPU of %v", where, b.cdi, sets.List(wantUUID))
+		if len(b.cdi) != len(order) {
+			t.Errorf("%s: CDI devices %v, want one per GPU of %v", where, b.cdi, wantUUIDs)
 		}
 		for _, name := range b.cdi {
 			if !cdiNamePattern.MatchString(name) {
@@ -856,12 +995,8 @@ func checkBinding(t *testing.T, k *kubelet, pl plan, minors map[string]int, cdi 
 	}
 	// Device specs: /dev/nvidia<minor> for each GPU, /dev/nvidiactl, rw.
 	want := sets.New("/dev/nvidiactl")
-	for u := range wantUUID {
-		m, ok := minors[u]
-		if !ok {
-			t.Fatalf("%s: no minor number for %s in the mock topology", where, u)
-		}
-		want.Insert(fmt.Sprintf("/dev/nvidia%d", m))
+	for _, gpu := range order {
+		want.Insert(fmt.Sprintf("/dev/nvidia%d", gpu.Minor))
 	}
 	got := sets.New[string]()
 	for path, perm := range b.devices {

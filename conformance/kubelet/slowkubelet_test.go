@@ -78,7 +78,7 @@ func TestSlowKubeletRegistration(t *testing.T) {
 	}
 	w := &world{n: n, pods: newPodStore(), pl: loadPlan(t, configFlags(nil)...)}
 	_, gpus := fixture(t, "dgx-a100")
-	w.minors = minorsOf(gpus)
+	w.gpus = byUUID(gpus)
 	w.k = startKubelet(t, managerDir, n.podResSock, w.pods)
 
 	proxy := &slowRegistration{
