@@ -2,11 +2,34 @@
 
 Every save is a complete document written to a temp file, fsync'd, renamed over the old
 one, and the directory fsync'd, so a crash at any instant leaves either the old or the
-new document, never a torn one.
+new document, never a torn one; a save that fails removes its temp file.
+
+No content of the file stops the plugin (SPEC section 4). What a load keeps:
+
+- The whole file is set aside (renamed ``state.json.corrupt-<time>``, kept for
+  inspection, one error line) and the plugin starts afresh from the kubelet's
+  PodResources when it is not a document of this format at all: unreadable, larger
+  than :data:`MAX_FILE_BYTES`, not UTF-8, not JSON (nested too deeply for the parser
+  included), not an object whose ``version`` is the integer :data:`FORMAT_VERSION`, or
+  its skeleton has the wrong types: ``resources`` must be an object of objects, each
+  with a ``groups`` object of objects, each with a ``seats`` object of seat entries;
+  ``retired`` an object of objects of seat entries; every seat entry an object (an
+  absent container counts as empty). A wrong skeleton was not written by this plugin,
+  or is damaged past telling which entries are still right.
+- Inside a seat entry, the values are checked: ``generation`` an integer (not a bool)
+  in 0..:data:`MAX_GENERATION`; ``binding`` absent, null, or exactly what the ledger
+  writes, with a generation in 1..:data:`MAX_GENERATION`, a finite ``allocatedAt``, a
+  string ``group``, ``gpus`` integers in 0..:data:`MAX_GPU_INDEX`, and a ``holder``
+  that is null or three strings. No coercion: ``"1"`` is not 1. An entry with a bad
+  value loses its binding (PodResources shows the seat held again if it is) and keeps
+  the highest valid generation among its own and its binding's, so generations still
+  never go back where the file allows telling; one error line names the seat. The rest
+  of the file is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,12 +37,19 @@ import time
 from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii as _encode_key
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
+MAX_FILE_BYTES = 64 * 1024 * 1024
+"""A state or cache file larger than this is damaged, not read into memory."""
+MAX_GENERATION = 2**63 - 1
+"""Generations leave the plugin in ``KYB_SEAT_GEN``; readers may hold them in an int64."""
+MAX_GPU_INDEX = 1023
 
 
 def encode(value: Any) -> str:
@@ -38,19 +68,100 @@ def encode_object(fields: Mapping[str, str]) -> str:
 
 
 def atomic_write(path: Path, payload: str) -> None:
-    """Durably replace ``path`` with ``payload``: temp file, fsync, rename, dir fsync."""
+    """Durably replace ``path`` with ``payload``: temp file, fsync, rename, dir fsync.
+
+    Whatever fails before the rename completes removes the temp file and is re-raised.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class DamagedFile(Exception):
+    """A file that exists but cannot be used; the message says why, in one line."""
+
+
+def read_json(path: Path) -> object:
+    """The JSON value in ``path``: ``FileNotFoundError`` when there is none,
+    :class:`DamagedFile` for anything else that keeps it from being one."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise DamagedFile(f"unreadable ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise DamagedFile(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DamagedFile(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise DamagedFile("nested too deeply") from None
+    except ValueError as exc:
+        raise DamagedFile(f"not valid JSON ({exc})") from None
+
+
+def set_aside(path: Path) -> str:
+    """Rename a damaged ``path`` to ``<name>.corrupt-<time>``; says where it went."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        return f"could not be moved aside: {exc.strerror or exc}"
+    return f"kept as {aside}"
+
+
+def printable(text: str, width: int = 80) -> str:
+    """Untrusted text for a log line: escaped to printable ASCII on one line, at most
+    ``width`` characters of it."""
+    shown = ascii(text[:width])[1:-1]
+    return shown if len(text) <= width else f"{shown}..."
+
+
+_Int = Annotated[int, Strict()]
+_Str = Annotated[str, Strict()]
+
+
+class _Holder(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: _Str
+    pod: _Str
+    container: _Str
+
+
+class _Binding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    generation: _Int = Field(ge=1, le=MAX_GENERATION)
+    allocated_at: Annotated[float, Strict()] = Field(alias="allocatedAt", allow_inf_nan=False)
+    group: _Str
+    gpus: list[Annotated[int, Strict(), Field(ge=0, le=MAX_GPU_INDEX)]]
+    holder: _Holder | None
+
+
+class _Entry(BaseModel):
+    # The state file's seats also carry their status (state, why) for readers.
+    model_config = ConfigDict(extra="ignore")
+
+    generation: _Int = Field(ge=0, le=MAX_GENERATION)
+    binding: _Binding | None = None
 
 
 class StateStore:
@@ -59,28 +170,20 @@ class StateStore:
         self.path = state_dir / STATE_FILE
 
     def load(self) -> dict[str, Any] | None:
-        """The saved document, or None for a fresh start.
-
-        A corrupt or unreadable file is moved aside (kept for inspection) and reported
-        in one log line; the caller rebuilds from the kubelet's PodResources.
-        """
+        """The saved document, checked and repaired as the module docstring says, or
+        None for a fresh start (no file, or one set aside)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            return _checked(read_json(self.path))
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            self._set_aside(f"unreadable ({exc.strerror})")
+        except DamagedFile as exc:
+            log.error(
+                "seat ledger %s is %s; %s; rebuilding from the kubelet's PodResources",
+                self.path,
+                exc,
+                set_aside(self.path),
+            )
             return None
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            self._set_aside(f"not valid JSON ({exc})")
-            return None
-        if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
-            found = doc.get("version") if isinstance(doc, dict) else type(doc).__name__
-            self._set_aside(f"unknown format version {found!r} (expected {FORMAT_VERSION})")
-            return None
-        return doc
 
     def save(self, doc: Mapping[str, Any]) -> None:
         self.save_encoded({key: encode(value) for key, value in doc.items()})
@@ -97,16 +200,84 @@ class StateStore:
         """Durably replace the state file with ``payload``."""
         atomic_write(self.path, payload)
 
-    def _set_aside(self, why: str) -> None:
-        aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
-        try:
-            os.replace(self.path, aside)
-            kept = f"kept as {aside}"
-        except OSError as exc:
-            kept = f"could not be moved aside: {exc.strerror}"
-        log.error(
-            "seat ledger %s is %s; %s; rebuilding from the kubelet's PodResources",
-            self.path,
-            why,
-            kept,
+
+def _checked(doc: object) -> dict[str, Any]:
+    """``doc`` cut down to what the ledger reads, with damaged entries repaired; raises
+    :class:`DamagedFile` for a document that is not of this format at all."""
+    if not isinstance(doc, dict):
+        raise DamagedFile(f"not a ledger document (a JSON {_json_type(doc)})")
+    version = doc.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        found = printable(repr(version))
+        raise DamagedFile(f"of unknown format version {found} (expected {FORMAT_VERSION})")
+    resources: dict[str, Any] = {}
+    for resource, body in _objects(doc, "resources").items():
+        groups: dict[str, Any] = {}
+        for group, group_body in _objects(body, "groups", f"resources/{resource}").items():
+            seats = _objects(group_body, "seats", f"resources/{resource}/groups/{group}")
+            groups[group] = {"seats": _entries(resource, seats)}
+        resources[resource] = {"groups": groups}
+    retired = {
+        resource: _entries(resource, _objects(seats, None, f"retired/{resource}"))
+        for resource, seats in _objects(doc, "retired").items()
+    }
+    return {"version": FORMAT_VERSION, "resources": resources, "retired": retired}
+
+
+def _objects(parent: dict[str, Any], key: str | None, where: str = "") -> dict[str, dict[str, Any]]:
+    """``parent[key]`` (``parent`` itself when ``key`` is None): an object of objects,
+    absent meaning empty; anything else is a wrong skeleton."""
+    value = parent if key is None else parent.get(key, {})
+    path = "/".join(part for part in (where, key) if part)
+    if not isinstance(value, dict):
+        raise DamagedFile(f"damaged: {printable(path)} is a JSON {_json_type(value)}")
+    for child, body in value.items():
+        if not isinstance(body, dict):
+            child_path = printable(f"{path}/{child}")
+            raise DamagedFile(f"damaged: {child_path} is a JSON {_json_type(body)}")
+    return value
+
+
+def _entries(resource: str, seats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {seat: _entry(resource, seat, raw) for seat, raw in seats.items()}
+
+
+def _entry(resource: str, seat: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """One seat entry, checked; a damaged one keeps only its best generation."""
+    try:
+        return _Entry.model_validate(raw).model_dump(by_alias=True)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        binding = raw.get("binding")
+        found = [
+            raw.get("generation"),
+            binding.get("generation") if isinstance(binding, dict) else None,
+        ]
+        generation = max(
+            (g for g in found if type(g) is int and 0 <= g <= MAX_GENERATION), default=0
         )
+        log.error(
+            "seat ledger entry %s/%s is damaged (%s: %s); dropping its binding, "
+            "keeping generation %d",
+            printable(resource),
+            printable(seat),
+            printable(".".join(str(part) for part in problem["loc"])),
+            problem["msg"],
+            generation,
+        )
+        return {"generation": generation}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+_JSON_TYPES: dict[type, str] = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    type(None): "null",
+}

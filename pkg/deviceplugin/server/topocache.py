@@ -9,6 +9,13 @@ topology file's format, SPEC section 9) and, at start, brings back from it the
 missing GPUs that held seats need; they are probed by UUID like any other and come
 back Healthy when the GPU does. A missing GPU that no held seat needs stays out: a GPU
 taken out of the node for good does not haunt the layout.
+
+No content of the cache stops the plugin: a file that cannot be used (unreadable, too
+large, not UTF-8 or JSON, nested too deeply, or not a valid topology) is set aside as
+``topology.json.corrupt-<time>`` with one warning, and the start goes on without it.
+Setting it aside rather than ignoring it keeps the bad bytes for inspection: the
+runtime writes a fresh cache right after every start, which would overwrite them. It
+is also what the seat ledger does with a bad state file.
 """
 
 from __future__ import annotations
@@ -18,7 +25,13 @@ import logging
 from collections.abc import Set
 from pathlib import Path
 
-from pkg.deviceplugin.allocator.store import atomic_write
+from pkg.deviceplugin.allocator.store import (
+    DamagedFile,
+    atomic_write,
+    printable,
+    read_json,
+    set_aside,
+)
 from pkg.deviceplugin.nvml.topofile import TopologyFile, TopologyFileError, parse_topology_data
 from pkg.deviceplugin.types import Gpu, Link, Topology
 
@@ -28,16 +41,24 @@ CACHE_FILE = "topology.json"
 
 
 def load(state_dir: Path) -> Topology | None:
-    """The cached topology; None when there is none or it cannot be read (one log line)."""
+    """The cached topology; None when there is none or it cannot be used (then it is
+    set aside, with one warning)."""
     path = state_dir / CACHE_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return parse_topology_data(data, str(path)).topology()
+        return parse_topology_data(read_json(path), str(path)).topology()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TopologyFileError) as exc:
-        log.warning("ignoring the topology cache %s: %s", path, exc)
-        return None
+    except DamagedFile as exc:
+        why = str(exc)
+    except TopologyFileError as exc:
+        first = exc.problems[0].removeprefix(f"{path}: ") if exc.problems else str(exc)
+        more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+        why = f"{printable(first, 200)}{more}"
+    except ValueError as exc:
+        # Topology's own checks, should they ever refuse what the file's checks let in.
+        why = printable(str(exc), 200)
+    log.warning("ignoring the topology cache %s: %s; %s", path, why, set_aside(path))
+    return None
 
 
 def save(state_dir: Path, topology: Topology) -> None:

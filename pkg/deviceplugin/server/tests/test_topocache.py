@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
 
 from pkg.deviceplugin.allocator.tests.support import four_gpus_in_nvlink_pairs
+from pkg.deviceplugin.allocator.tests.test_store import FUZZ, damaged_bytes, damaged_shapes
 from pkg.deviceplugin.server import topocache
 from pkg.deviceplugin.types import Gpu, Topology
 
@@ -23,14 +29,31 @@ def test_the_cache_round_trips_gpus_and_links(tmp_path: Path) -> None:
     assert topocache.load(tmp_path) == topology
 
 
-def test_no_cache_is_none_and_a_corrupt_one_is_one_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"gpus": "nope"',
+        b"[]",
+        b'{"gpus": [{"index": "0"}], "links": [[1]], "extra": {}}',
+        b'{"gpus": [], "links": \xff}',
+        b'{"gpus": ' + b"[" * 100_000 + b"]" * 100_000 + b', "links": []}',
+    ],
+    ids=["not-json", "not-an-object", "not-a-topology", "invalid-utf8", "nested-100000-deep"],
+)
+def test_a_corrupt_cache_is_set_aside_with_one_warning(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert topocache.load(tmp_path) is None
-    (tmp_path / topocache.CACHE_FILE).write_text('{"gpus": "nope"')
+    (tmp_path / topocache.CACHE_FILE).write_bytes(content)
     with caplog.at_level(logging.WARNING):
         assert topocache.load(tmp_path) is None
-    assert len(caplog.records) == 1 and "ignoring the topology cache" in caplog.text
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "ignoring the topology cache" in line and "\n" not in line
+    assert [p.read_bytes() for p in tmp_path.glob("topology.json.corrupt-*")] == [content]
+    # Set aside, so the next start finds no cache and says nothing.
+    caplog.clear()
+    assert topocache.load(tmp_path) is None
+    assert not caplog.records
 
 
 def test_only_missing_gpus_that_held_seats_need_come_back_with_their_links() -> None:
@@ -53,3 +76,32 @@ def test_a_gpu_whose_index_another_gpu_took_is_not_restored() -> None:
     assert [g.index for g in restored] == [2]
     # GPU 3 is another GPU now: the cached link 2-3 says nothing about it.
     assert (2, 3) not in merged.links
+
+
+# ---- fuzz: no content of the cache stops the plugin ------------------------------------
+
+
+@cache
+def real_cache() -> bytes:
+    with tempfile.TemporaryDirectory() as scratch:
+        topocache.save(Path(scratch), four_gpus_in_nvlink_pairs())
+        return (Path(scratch) / topocache.CACHE_FILE).read_bytes()
+
+
+def assert_loads_or_is_none(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / topocache.CACHE_FILE).write_bytes(content)
+        loaded = topocache.load(Path(scratch))
+        assert loaded is None or isinstance(loaded, Topology)
+
+
+@FUZZ
+@given(damaged_bytes(real_cache()))
+def test_no_bytes_in_the_topology_cache_stop_its_load(content: bytes) -> None:
+    assert_loads_or_is_none(content)
+
+
+@FUZZ
+@given(damaged_shapes(json.loads(real_cache())))
+def test_no_json_shape_in_the_topology_cache_stops_its_load(doc: Any) -> None:
+    assert_loads_or_is_none(json.dumps(doc).encode())
