@@ -86,6 +86,13 @@ def refused(node: support.Node, resource: str, seat: str) -> grpc.RpcError:
 
 
 def generation(node: support.Node, resource: str, seat: str) -> str:
+    """The seat's generation for its holder: from the state file while it is held (a
+    repeat Allocate later than the hand-off window would be a new holder), else what
+    an Allocate binding it now answers."""
+    for body in state_groups(node, resource).values():
+        entry = body["seats"].get(seat)
+        if entry is not None and entry.get("binding"):
+            return str(entry["binding"]["generation"])
     reply = support.allocate(support.plugin_stub(node, resource), [seat])
     return reply.envs["KYB_SEAT_GEN"]
 

@@ -164,8 +164,7 @@ def test_a_reused_seat_after_its_pod_is_deleted_gets_a_higher_generation(
         f"gpus={envs['KYB_GPU_INDICES']} generation=1]"
     )
     assert any(
-        "seat released: holder" in line and line.endswith(released)
-        for line in serving.log().splitlines()
+        "seat released: " in line and line.endswith(released) for line in serving.log().splitlines()
     ), serving.log()
 
 
@@ -235,13 +234,21 @@ def test_a_restarted_plugin_keeps_every_binding_and_generation(serving: support.
     before = {r: serving.kubelet.endpoints[r].registrations for r in RESOURCES}
     serving.start_plugin()
     assert serving.wait_registered(RESOURCES, after=before), serving.log()
+    doc = json.loads((serving.state_dir / "state.json").read_text())
+    [entry] = [
+        group["seats"][seat[0]]
+        for group in doc["resources"][resource]["groups"].values()
+        if seat[0] in group["seats"]
+    ]
+    assert (entry["state"], entry["binding"]["generation"]) == ("held", 1)
+    # the seat's next Allocate after the restart is a new holder, never generation 1 again
     reply = support.plugin_stub(serving, resource).Allocate(
         api_pb2.AllocateRequest(
             container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=seat)]
         ),
         timeout=5,
     )
-    assert reply.container_responses[0].envs["KYB_SEAT_GEN"] == "1"
+    assert reply.container_responses[0].envs["KYB_SEAT_GEN"] == "2"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

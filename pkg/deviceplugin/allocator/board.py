@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator import placement, response
 from pkg.deviceplugin.allocator.layout import Group, Layout, Pins, Plan, Seat, seat_id
-from pkg.deviceplugin.allocator.ledger import Holder, Ledger, SeatKey
+from pkg.deviceplugin.allocator.ledger import HANDOFF_S, Bound, Holder, Ledger, SeatKey
 from pkg.deviceplugin.allocator.store import StateStore, encode, encode_object
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
 
@@ -130,17 +130,23 @@ class SeatBoard:
         store: StateStore | None,
         *,
         release_grace_s: float,
+        handoff_s: float = HANDOFF_S,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         dev_root: Path = Path("/"),
     ) -> None:
+        """``clock``: wall time, only for what the state file shows people;
+        ``monotonic``: every time the ledger's rules measure."""
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._plan = _as_plan(plan)
         self._policy = policy
         self._store = store
         self._clock = clock
+        self._monotonic = monotonic
         self._dev_root = dev_root
-        self._ledger = Ledger(release_grace_s)
+        self._ledger = Ledger(release_grace_s, handoff_s)
+        self._gone_pending = False
         self._unhealthy: dict[str, str] = {}
         self._closeness_cache: dict[tuple[ResourceName, GroupName, GroupName], int] = {}
         self._closeness_layout: Layout | None = None
@@ -192,17 +198,22 @@ class SeatBoard:
     def needs_observation(self, resource: ResourceName, requests: Sequence[Sequence[str]]) -> bool:
         """Whether an Allocate should first look at PodResources.
 
-        A pure repeat of bindings never seen in PodResources is the init-to-app
-        container hand-off of one pod: the ledger answers it alone. Anything else
-        (a new binding, a seat whose known holder may be gone) asks the kubelet first.
+        Only a fenced seat does: its blocker may be gone. Which binding a request makes
+        follows from the ledger alone (the kubelet offers a device to a new container
+        only after freeing it; see ``ledger``).
         """
+        views = self._snapshot.seats.get(resource, {})
+        return any(
+            (view := views.get(DeviceId(device_id))) is not None and view.state == "fenced"
+            for ids in requests
+            for device_id in ids
+        )
+
+    def set_windows(self, release_grace_s: float, handoff_s: float) -> None:
+        """Config reload: the release grace period and the hand-off window."""
         with self._lock:
-            for ids in requests:
-                for device_id in ids:
-                    binding = self._ledger.binding((resource, DeviceId(device_id)))
-                    if binding is None or binding.holder is not None:
-                        return True
-            return False
+            self._ledger.release_grace_s = release_grace_s
+            self._ledger.handoff_s = handoff_s
 
     def allocate(
         self,
@@ -220,21 +231,21 @@ class SeatBoard:
                 if unsaved:
                     self._save()
                 raise
-            now = self._clock()
-            new: list[tuple[Seat, int]] = []
+            now, wall = self._monotonic(), self._clock()
+            new: list[tuple[Seat, Bound]] = []
             answers: list[list[response.BoundSeat]] = []
             for container_seats in seats:
                 bound: list[response.BoundSeat] = []
                 for seat in container_seats:
-                    generation, is_new = self._ledger.bind(
-                        (resource, seat.device_id), now, seat.group.name, seat.group.indices
+                    made = self._ledger.bind(
+                        (resource, seat.device_id), now, seat.group.name, seat.group.indices, wall
                     )
-                    if is_new:
-                        new.append((seat, generation))
+                    if made.is_new:
+                        new.append((seat, made))
                     else:
                         # a repeat moves the binding's allocatedAt; the next save shows it
                         self._encoded.pop((resource, seat.group.name), None)
-                    bound.append(response.BoundSeat(seat, generation))
+                    bound.append(response.BoundSeat(seat, made.generation))
                 answers.append(bound)
             if new:
                 groups = {(resource, seat.group) for seat, _ in new}
@@ -243,25 +254,32 @@ class SeatBoard:
                     if self._store is not None:
                         self._store.save_encoded(self._state_fields())
                 except OSError as exc:
-                    for seat, generation in new:
-                        self._ledger.unbind((resource, seat.device_id), generation)
+                    for seat, made in reversed(new):
+                        self._ledger.unbind((resource, seat.device_id), made)
                     self._bindings_changed_locked(groups)
+                    if unsaved:  # what the observation changed is still worth keeping
+                        self._save()
                     raise AllocationError(
                         "unavailable", f"could not persist the seat ledger: {exc}"
                     ) from exc
                 if shown:
                     self._changed.notify_all()
-                for seat, generation in new:
-                    log.info(
-                        "seat bound",
-                        extra={
-                            "resource": resource,
-                            "group": seat.group.name,
-                            "seat": seat.device_id,
-                            "gpus": seat.group.indices,
-                            "generation": generation,
-                        },
-                    )
+                for seat, made in new:
+                    where = {
+                        "resource": resource,
+                        "group": seat.group.name,
+                        "seat": seat.device_id,
+                        "gpus": seat.group.indices,
+                    }
+                    if made.replaced is not None:
+                        log.info(
+                            "seat released: %s",
+                            "a new container was allocated it"
+                            if made.replaced.holder is not None
+                            else "a new container was allocated it after the hand-off window",
+                            extra={**where, "generation": made.replaced.generation},
+                        )
+                    log.info("seat bound", extra={**where, "generation": made.generation})
             elif unsaved:
                 self._save()
         return [
@@ -383,13 +401,37 @@ class SeatBoard:
 
     # ---- evidence from the kubelet and the GPUs -------------------------------------
 
-    def reconcile(self, observed: Mapping[SeatKey, Holder]) -> None:
+    def reconcile(self, observed: Mapping[SeatKey, Holder]) -> bool:
+        """Apply one successful PodResources ``List``; whether a seen holder is missing
+        but not yet gone (ask again after ``ledger.GONE_CONFIRM_S``)."""
         with self._lock:
             self._reconcile_locked(observed)
+            return self._gone_pending
 
     def _reconcile_locked(self, observed: Mapping[SeatKey, Holder], *, save: bool = True) -> bool:
         """Apply one observation; whether it changed anything (then saved if ``save``)."""
-        releases, seen = self._ledger.reconcile(observed, self._clock())
+        now = self._monotonic()
+        releases, seen, self._gone_pending = self._ledger.reconcile(observed, now)
+        for key, holder in observed.items():
+            seat = self._layout.seat(*key)
+            if seat is None or self._ledger.binding(key) is not None:
+                continue
+            generation = self._ledger.adopt(
+                key, holder, now, seat.group.name, seat.group.indices, self._clock()
+            )
+            seen.append(key)
+            log.warning(
+                "seat adopted: PodResources shows it held by %s, the seat ledger had no "
+                "binding (state lost?)",
+                holder,
+                extra={
+                    "resource": key[0],
+                    "group": seat.group.name,
+                    "seat": key[1],
+                    "gpus": seat.group.indices,
+                    "generation": generation,
+                },
+            )
         for release in releases:
             resource, device_id = release.key
             log.info(
@@ -739,7 +781,7 @@ class SeatBoard:
     def _restore_entry(self, resource: str, device_id: str, entry: Any) -> None:
         key = (ResourceName(resource), DeviceId(device_id))
         try:
-            self._ledger.restore(key, entry)
+            self._ledger.restore(key, entry, self._monotonic())
         except (KeyError, TypeError, ValueError) as exc:
             log.error(
                 "seat ledger entry %s/%s is damaged (%s); ignoring its binding",
@@ -749,7 +791,7 @@ class SeatBoard:
             )
             generation = entry.get("generation") if isinstance(entry, Mapping) else None
             if isinstance(generation, int):
-                self._ledger.restore(key, {"generation": generation})
+                self._ledger.restore(key, {"generation": generation}, self._monotonic())
 
     def _save(self) -> None:
         if self._store is None:

@@ -1,13 +1,26 @@
 """The seat ledger: per seat its highest generation and its live binding, if any.
 
 Rules (SPEC section 4):
-- An Allocate of a seat with a live binding is the same binding (same generation): the
-  kubelet re-sends the same IDs when an init container's devices pass to the next
-  container of the pod.
-- An Allocate of a seat without a live binding starts a new one, one generation higher.
-  Generations never go back and are never reused, whatever happens to the layout.
-- A binding ends only on evidence: its holder was seen in PodResources ``List`` and is
-  gone now, or it was never seen there within ``release_grace_s`` of its last Allocate.
+- The kubelet hands a device to a new container only after freeing it from the last
+  one, with one exception: the init-to-app hand-off, in which it re-sends the same IDs
+  for the next container of the same pod, back to back during that pod's admission.
+  So an Allocate of a seat with a live binding is that same binding (same generation)
+  only if its holder was never seen in PodResources ``List`` (``List`` never shows
+  plain init containers) and it comes within ``handoff_s`` of the binding's last
+  Allocate. Anything else is a new holder, one generation higher: a pod that was seen,
+  or that lived longer than the window, never passes its generation on.
+- Generations never go back and are never reused, whatever happens to the layout.
+- A binding ends only on evidence: its holder was seen in ``List`` and is missing from
+  at least two successful ``List`` answers ``gone_confirm_s`` apart (a kubelet that is
+  restarting answers before its pods are back: one empty answer proves nothing), or it
+  was never seen there within ``release_grace_s`` of its last Allocate. A holder that
+  shows up again while its seat is still free gets its binding back, same generation.
+- ``List`` is evidence the other way too: a seat it shows held that the ledger has no
+  binding for (its state was lost) is adopted, one generation above what is known.
+- Times are on the monotonic clock: a wall-clock step neither releases a binding early
+  nor keeps one late. Only the wall-clock time of the last Allocate is saved (for
+  people); a restored binding's grace and hand-off window start afresh at the restart,
+  and a restored binding never seen is past its hand-off.
 
 The ledger is not thread-safe; its owner (the seat board) holds the lock.
 """
@@ -35,22 +48,48 @@ class Holder:
         return f"{self.namespace}/{self.pod}/{self.container}"
 
 
+HANDOFF_S = 2.0
+"""Default hand-off window (config ``handoffWindow``)."""
+GONE_CONFIRM_S = 2.0
+"""A seen holder must be missing from ``List`` answers this far apart to be gone."""
+
+
 @dataclass(slots=True)
 class Binding:
     """A live binding; it remembers its group and GPUs so it still fences (and shows)
-    after a config change removed its seat from the layout."""
+    after a config change removed its seat from the layout.
+
+    ``allocated_at`` is monotonic, of the last Allocate; ``allocated_wall`` the same
+    moment on the wall clock, only for the state file's readers."""
 
     generation: int
     allocated_at: float
     group: str
     gpus: tuple[int, ...]
     holder: Holder | None = None
+    allocated_wall: float = 0.0
+    handoff: bool = True
+    missing_since: float | None = None
+    missing_lists: int = 0
 
 
 @dataclass(slots=True)
 class SeatRecord:
     generation: int = 0
     binding: Binding | None = None
+    # the binding that ended last, while nothing else bound the seat since: if List
+    # shows its holder (or, for one never seen, any holder) again, it was not gone
+    released: Binding | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """What :meth:`Ledger.bind` did: the generation, whether it is a new binding, and
+    the live binding it replaced (a new holder after the last one)."""
+
+    generation: int
+    is_new: bool
+    replaced: Binding | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +102,15 @@ class Release:
 
 
 class Ledger:
-    def __init__(self, release_grace_s: float) -> None:
+    def __init__(
+        self,
+        release_grace_s: float,
+        handoff_s: float = HANDOFF_S,
+        gone_confirm_s: float = GONE_CONFIRM_S,
+    ) -> None:
         self.release_grace_s = release_grace_s
+        self.handoff_s = handoff_s
+        self.gone_confirm_s = gone_confirm_s
         self._records: dict[SeatKey, SeatRecord] = {}
 
     def record(self, key: SeatKey) -> SeatRecord:
@@ -79,43 +125,76 @@ class Ledger:
             if record.binding is not None:
                 yield key, record.binding
 
-    def bind(self, key: SeatKey, now: float, group: str, gpus: tuple[int, ...]) -> tuple[int, bool]:
-        """Bind a seat (or confirm its live binding); returns (generation, is_new)."""
+    def bind(
+        self, key: SeatKey, now: float, group: str, gpus: tuple[int, ...], wall: float = 0.0
+    ) -> Bound:
+        """Bind a seat for a container: the same binding for the init-to-app hand-off,
+        else a new one, one generation higher (``now`` is monotonic)."""
         record = self._records.setdefault(key, SeatRecord())
-        if record.binding is not None:
-            record.binding.allocated_at = max(record.binding.allocated_at, now)
-            return record.binding.generation, False
+        live = record.binding
+        if (
+            live is not None
+            and live.holder is None
+            and live.handoff
+            and now - live.allocated_at <= self.handoff_s
+        ):
+            live.allocated_at = max(live.allocated_at, now)
+            live.allocated_wall = max(live.allocated_wall, wall)
+            return Bound(live.generation, False)
         record.generation += 1
-        record.binding = Binding(record.generation, now, group, gpus)
-        return record.generation, True
+        record.binding = Binding(record.generation, now, group, gpus, allocated_wall=wall)
+        record.released = None
+        return Bound(record.generation, True, live)
 
-    def unbind(self, key: SeatKey, generation: int) -> None:
+    def unbind(self, key: SeatKey, bound: Bound) -> None:
         """Undo a new binding that could not be made durable (nothing was promised yet)."""
         record = self._records[key]
-        if record.binding is not None and record.binding.generation == generation:
-            record.binding = None
-            record.generation = generation - 1
+        if record.binding is not None and record.binding.generation == bound.generation:
+            record.binding = bound.replaced
+            record.generation = bound.generation - 1
 
     def reconcile(
         self, observed: Mapping[SeatKey, Holder], now: float
-    ) -> tuple[list[Release], list[SeatKey]]:
-        """Apply one PodResources ``List``: note holders, end bindings with evidence.
+    ) -> tuple[list[Release], list[SeatKey], bool]:
+        """Apply one successful PodResources ``List`` (``now`` is monotonic).
 
-        Returns the bindings it ended and the seats whose holder it noted anew.
+        Returns the bindings it ended, the seats whose holder it noted anew (or whose
+        holder came back), and whether a seen holder is missing but not yet gone (ask
+        again after ``gone_confirm_s``).
         """
         releases: list[Release] = []
         seen: list[SeatKey] = []
+        pending = False
         for key, record in self._records.items():
             binding = record.binding
-            if binding is None:
-                continue
             holder = observed.get(key)
+            if binding is None:
+                back = record.released
+                if (
+                    holder is not None
+                    and back is not None
+                    and back.holder in (None, holder)
+                    and back.generation == record.generation
+                ):
+                    back.missing_since, back.missing_lists = None, 0
+                    back.holder, back.handoff = holder, False
+                    record.binding, record.released = back, None
+                    seen.append(key)
+                continue
             if holder is not None:
+                binding.missing_since, binding.missing_lists = None, 0
                 if binding.holder != holder:
                     binding.holder = holder
+                    binding.handoff = False
                     seen.append(key)
                 continue
             if binding.holder is not None:
+                if binding.missing_since is None:
+                    binding.missing_since = now
+                binding.missing_lists += 1
+                if binding.missing_lists < 2 or now - binding.missing_since < self.gone_confirm_s:
+                    pending = True
+                    continue
                 why = f"holder {binding.holder} is gone from PodResources"
             elif now - binding.allocated_at > self.release_grace_s:
                 why = (
@@ -124,9 +203,28 @@ class Ledger:
                 )
             else:
                 continue
-            record.binding = None
+            record.binding, record.released = None, binding
             releases.append(Release(key, binding.generation, why, binding.group, binding.gpus))
-        return releases, seen
+        return releases, seen, pending
+
+    def adopt(
+        self,
+        key: SeatKey,
+        holder: Holder,
+        now: float,
+        group: str,
+        gpus: tuple[int, ...],
+        wall: float = 0.0,
+    ) -> int:
+        """A seat ``List`` shows held that the ledger has no binding for (its state was
+        lost): bind it to that holder, one generation above what the ledger knows."""
+        record = self._records.setdefault(key, SeatRecord())
+        record.generation += 1
+        record.binding = Binding(
+            record.generation, now, group, gpus, holder, allocated_wall=wall, handoff=False
+        )
+        record.released = None
+        return record.generation
 
     # Persistence: the board embeds these per-seat entries in the status-shaped state file.
 
@@ -137,7 +235,7 @@ class Ledger:
             b = record.binding
             entry["binding"] = {
                 "generation": b.generation,
-                "allocatedAt": b.allocated_at,
+                "allocatedAt": b.allocated_wall,
                 "group": b.group,
                 "gpus": list(b.gpus),
                 "holder": None
@@ -153,8 +251,12 @@ class Ledger:
     def keys(self) -> Iterable[SeatKey]:
         return self._records.keys()
 
-    def restore(self, key: SeatKey, entry: Mapping[str, Any]) -> None:
-        """Take one saved entry; a damaged entry never lowers what is already known."""
+    def restore(self, key: SeatKey, entry: Mapping[str, Any], now: float) -> None:
+        """Take one saved entry; a damaged entry never lowers what is already known.
+
+        A restored binding's grace starts at ``now`` (monotonic; saved times are wall
+        clock and may have jumped), and it is past its hand-off window.
+        """
         generation = int(entry.get("generation", 0))
         raw = entry.get("binding")
         binding = None
@@ -171,10 +273,12 @@ class Ledger:
             )
             binding = Binding(
                 int(raw["generation"]),
-                float(raw["allocatedAt"]),
+                now,
                 str(raw["group"]),
                 tuple(int(i) for i in raw["gpus"]),
                 holder,
+                allocated_wall=float(raw["allocatedAt"]),
+                handoff=False,
             )
             generation = max(generation, binding.generation)
         current = self._records.get(key)

@@ -221,6 +221,10 @@ class Config(_Model):
     """How often held seats are checked against the kubelet's PodResources (e.g. 10s)."""
     release_grace_period: Duration = 60.0
     """How long a seat stays held when its pod never shows up in PodResources (e.g. 60s)."""
+    handoff_window: Duration = 2.0
+    """How soon after a seat's Allocate the same seat's next Allocate may still be the
+    kubelet handing an init container's seat to the next container of the same pod
+    (same generation); later it is a new holder (e.g. 2s)."""
     health_probe_interval: Duration = 1.0
     """How often each GPU is probed for health (e.g. 1s); a lost GPU shows within one interval."""
     healthy_after_probes: Annotated[StrictInt, Field(ge=1)] = 3

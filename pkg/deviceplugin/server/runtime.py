@@ -31,6 +31,7 @@ from typing import Any
 from pkg.deviceplugin import logs, metrics
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config
@@ -165,6 +166,7 @@ class Runtime:
             policy_of(config),
             StateStore(config.state_dir),
             release_grace_s=config.release_grace_period,
+            handoff_s=config.handoff_window,
             dev_root=dev_root,
         )
         held = {i for groups in self.board.held_groups().values() for _, m in groups for i in m}
@@ -217,10 +219,10 @@ class Runtime:
         """SIGHUP: reload the config now."""
         self._reload_requested.set()
 
-    def reconcile_once(self) -> None:
+    def reconcile_once(self) -> bool:
+        """One PodResources ``List``; whether a holder is missing but not yet gone."""
         observed = self.pod_resources.observe()
-        if observed is not None:
-            self.board.reconcile(observed)
+        return observed is not None and self.board.reconcile(observed)
 
     def reload(self) -> bool:
         """Load and apply the config; False (old config kept) when it is invalid."""
@@ -244,6 +246,7 @@ class Runtime:
                 logs.set_format(new.log_format)
             for key in waiting:
                 log.warning("config key %s changed; it takes effect after a restart", key)
+            self.board.set_windows(new.release_grace_period, new.handoff_window)
             self.health.reconfigure(**self._health_policy(new))
             self.config = new
             self.manager.sync()
@@ -323,8 +326,13 @@ class Runtime:
         return (new.model_copy(update=kept) if kept else new), waiting
 
     def _reconcile_loop(self) -> None:
-        while not self._stop.wait(self.config.reconcile_interval):
-            self.reconcile_once()
+        pending = False
+        while not self._stop.wait(
+            min(self.config.reconcile_interval, GONE_CONFIRM_S)
+            if pending
+            else self.config.reconcile_interval
+        ):
+            pending = self.reconcile_once()
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.config.refresh_interval):

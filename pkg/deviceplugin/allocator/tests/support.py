@@ -75,6 +75,7 @@ def make_board(tmp_path: Path, clock: Clock) -> MakeBoard:
             StateStore(tmp_path / "state"),
             release_grace_s=grace,
             clock=clock,
+            monotonic=clock,
             dev_root=dev_root or tmp_path / "root",
         )
 

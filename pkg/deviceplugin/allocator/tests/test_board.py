@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pkg.deviceplugin.allocator.board import AllocationError, Policy
+from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, MakeBoard, seed_layout
 from pkg.deviceplugin.types import DeviceId, GroupName
@@ -100,12 +100,15 @@ def test_repeated_allocate_is_the_same_binding_with_the_same_generation(
 
 
 def test_seat_released_by_podresources_evidence_gets_a_higher_generation(
-    make_board: MakeBoard,
+    make_board: MakeBoard, clock: Clock
 ) -> None:
     board = make_board()
     board.allocate(R2, [["G01-s0"]])
     board.reconcile({(R2, DeviceId("G01-s0")): POD_A})
-    board.reconcile({})  # holder seen before, gone now
+    assert board.reconcile({})  # holder seen before, missing now: ask again soon
+    assert board.seat_views(R2)[DeviceId("G01-s0")].state == "held"
+    clock.now += 2
+    assert not board.reconcile({})  # still missing two seconds later: gone
     assert board.seat_views(R2)[DeviceId("G01-s0")].state == "free"
     [answer] = board.allocate(R2, [["G01-s0"]])
     assert answer.envs["KYB_SEAT_GEN"] == "2"
@@ -156,12 +159,19 @@ def test_holding_a_seat_fences_the_other_profiles_groups_sharing_its_gpus(
     assert "held by group G0 of kyb.ai/gpu-1x-seat" in str(refused.value)
 
 
-def test_release_of_the_holder_unfences(make_board: MakeBoard) -> None:
+def gone(board: SeatBoard, clock: Clock) -> None:
+    """Two ``List`` answers two seconds apart that lack the seen holders: they are gone."""
+    board.reconcile({})
+    clock.now += 2
+    board.reconcile({})
+
+
+def test_release_of_the_holder_unfences(make_board: MakeBoard, clock: Clock) -> None:
     board = make_board()
     board.allocate(R1, [["G1-s3"]])
     board.reconcile({(R1, DeviceId("G1-s3")): POD_A})
     assert board.seat_views(R2)[DeviceId("G01-s0")].state == "fenced"
-    board.reconcile({})
+    gone(board, clock)
     assert board.seat_views(R2)[DeviceId("G01-s0")].state == "free"
 
 
@@ -229,17 +239,20 @@ def test_drained_group_takes_no_new_binding_but_keeps_held_seats(make_board: Mak
     assert board.allocate(R2, [["G23-s0"]])[0].envs["KYB_SEAT_GEN"] == "1"
 
 
-def test_generations_and_bindings_survive_a_restart(make_board: MakeBoard) -> None:
+def test_generations_and_bindings_survive_a_restart(make_board: MakeBoard, clock: Clock) -> None:
     board = make_board()
     board.allocate(R2, [["G01-s0"]])
     board.reconcile({(R2, DeviceId("G01-s0")): POD_A})
-    board.reconcile({})
+    gone(board, clock)
     board.allocate(R2, [["G01-s0"]])
     board.allocate(R1, [["G2-s2"]])
     restarted = make_board()
     assert restarted.seat_views(R2)[DeviceId("G01-s0")].generation == 2
     assert restarted.seat_views(R2)[DeviceId("G01-s0")].state == "held"
-    assert restarted.allocate(R1, [["G2-s2"]])[0].envs["KYB_SEAT_GEN"] == "1"
+    assert restarted.seat_views(R1)[DeviceId("G2-s2")].state == "held"
+    # a restored binding is past its hand-off window: its seat's next Allocate is a new
+    # holder (a hand-off spanning a plugin restart gets a new generation, never an old one)
+    assert restarted.allocate(R1, [["G2-s2"]])[0].envs["KYB_SEAT_GEN"] == "2"
     assert restarted.seat_views(R2)[DeviceId("G23-s0")].state == "fenced"
 
 
@@ -259,7 +272,7 @@ def test_state_file_is_the_status_shape_with_ledger_detail(
 
 
 def test_seat_removed_from_the_layout_while_held_stays_unhealthy_until_released(
-    make_board: MakeBoard,
+    make_board: MakeBoard, clock: Clock
 ) -> None:
     board = make_board()
     board.allocate(R2, [["G23-s2"]])
@@ -275,5 +288,5 @@ def test_seat_removed_from_the_layout_while_held_stays_unhealthy_until_released(
     ids = {d.device_id: d.healthy for d in board.devices(R2)}
     assert ids[DeviceId("G23-s2")] is False
     board.reconcile({(R2, DeviceId("G23-s2")): POD_A})
-    board.reconcile({})
+    gone(board, clock)
     assert DeviceId("G23-s2") not in {d.device_id for d in board.devices(R2)}

@@ -85,6 +85,7 @@ class HeldGroupsMachine(RuleBasedStateMachine):
             StateStore(self.dir),
             release_grace_s=60,
             clock=self.clock,
+            monotonic=self.clock,
         )
 
     def _observed(self) -> dict[tuple[ResourceName, DeviceId], Holder]:
@@ -187,19 +188,25 @@ HeldGroupsMachine.TestCase.settings = settings(
 TestHeldGroups = HeldGroupsMachine.TestCase
 
 
-def held_board(config: str = "seed") -> SeatBoard:
-    return SeatBoard(plan_for(config), Policy(), None, release_grace_s=60, clock=Clock())
+def held_board(config: str = "seed", clock: Clock | None = None) -> SeatBoard:
+    clock = clock or Clock()
+    return SeatBoard(
+        plan_for(config), Policy(), None, release_grace_s=60, clock=clock, monotonic=clock
+    )
 
 
 def test_an_explicit_group_redefined_under_its_holder_stays_until_released() -> None:
-    board = held_board()
+    clock = Clock()
+    board = held_board(clock=clock)
     [first] = board.allocate(R2, [["G01-s0"]])
-    board.reconcile({(R2, DeviceId("G01-s0")): Holder("ns", "a", "main")})
     board.apply(plan=plan_for("moved"))
-    [again] = board.allocate(R2, [["G01-s0"]])
-    assert again.envs["KYB_GPU_INDICES"] == first.envs["KYB_GPU_INDICES"] == "0,1"
+    [again] = board.allocate(R2, [["G01-s0"]])  # the hand-off to the app container
+    assert again == first and again.envs["KYB_GPU_INDICES"] == "0,1"
+    board.reconcile({(R2, DeviceId("G01-s0")): Holder("ns", "a", "main")})
     assert board.status()["resources"][R2]["groups"]["G01"]["gpus"] == [0, 1]
-    board.reconcile({})  # the holder is gone
+    board.reconcile({})  # the holder is missing from two answers two seconds apart: gone
+    clock.now += 2
+    board.reconcile({})
     assert board.status()["resources"][R2]["groups"]["G01"]["gpus"] == [0, 2]
     # no fence of the old G01 is left on the 1x seats of GPU 1 or 3
     assert {v.state for v in board.seat_views(R1).values()} == {"free"}

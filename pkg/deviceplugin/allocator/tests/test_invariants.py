@@ -58,6 +58,7 @@ class LedgerMachine(RuleBasedStateMachine):
             StateStore(self.dir),
             release_grace_s=60,
             clock=self.clock,
+            monotonic=self.clock,
         )
 
     def _observed(self) -> dict[tuple[str, str], Holder]:

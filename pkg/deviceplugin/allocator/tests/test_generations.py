@@ -1,0 +1,272 @@
+"""Seat generations never lie (SPEC 4, "Generations" and "Bindings end on evidence").
+
+A model-based test drives the seat board as the kubelet would: pods admitted (with or
+without an init container that hands its seats to the app container), deleted, short
+pods gone before any ``List``, PodResources outages (Allocate without an observation),
+a restarting kubelet's empty ``List``, plugin restarts, and wall-clock steps. After
+every step:
+- every new holder of a seat got a generation above every earlier holder of that seat,
+  and the containers of one pod got the same one;
+- a live pod's seats are held (and fence) whatever single ``List`` answer came;
+- no GPU is held through two profiles' seats.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
+from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, HANDOFF_S, Holder
+from pkg.deviceplugin.allocator.store import StateStore
+from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, seed_layout
+from pkg.deviceplugin.types import DeviceId, ResourceName
+
+SEATS = {
+    R1: [f"G{g}-s{k}" for g in range(4) for k in range(4)],
+    R2: [f"G{p}-s{k}" for p in ("01", "23") for k in range(3)],
+}
+# A pod lives longer than the hand-off window: only then may it never pass its
+# generation on (a pod shorter than the window is the one case the kubelet's Allocate
+# cannot tell from the hand-off).
+POD_LIFETIME = HANDOFF_S + 0.5
+
+
+class GenerationsMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="kyb-gen-"))
+        self.mono = Clock(5_000.0)
+        self.wall = Clock()
+        self.board = self._open()
+        self.pods: dict[str, tuple[ResourceName, tuple[str, ...]]] = {}
+        self.generation_of: dict[str, dict[str, int]] = {}
+        self.seen: set[str] = set()
+        self.highest: dict[tuple[ResourceName, str], int] = {}
+        self.outage = False
+        self.next_pod = 0
+
+    def _open(self) -> SeatBoard:
+        return SeatBoard(
+            seed_layout(),
+            Policy(),
+            StateStore(self.dir),
+            release_grace_s=60,
+            clock=self.wall,
+            monotonic=self.mono,
+        )
+
+    def _observed(self) -> dict[tuple[ResourceName, DeviceId], Holder]:
+        # List shows app containers only (plain init containers never appear there)
+        return {
+            (resource, DeviceId(seat)): Holder("ns", pod, "app")
+            for pod, (resource, seats) in self.pods.items()
+            for seat in seats
+        }
+
+    def _allocate(self, resource: ResourceName, seats: list[str]) -> dict[str, str]:
+        observed = None
+        if not self.outage and self.board.needs_observation(resource, [seats]):
+            observed = self._observed()
+        [answer] = self.board.allocate(resource, [seats], observed)
+        return answer.envs
+
+    @rule(
+        resource=st.sampled_from([R1, R2]),
+        picks=st.lists(st.sampled_from([0, 1, 5, 10]), min_size=1, max_size=2, unique=True),
+        with_init=st.booleans(),
+    )
+    def admit(self, resource: ResourceName, picks: list[int], with_init: bool) -> None:
+        taken = {s for r, seats in self.pods.values() if r == resource for s in seats}
+        seats = sorted({SEATS[resource][k % len(SEATS[resource])] for k in picks} - taken)
+        if not seats:
+            return
+        # the previous pods on these seats lived at least this long
+        self.mono.now += POD_LIFETIME
+        self.wall.now += POD_LIFETIME
+        try:
+            first = self._allocate(resource, seats)
+        except AllocationError as exc:
+            assert exc.code == "precondition", exc  # fenced or drained: not admitted
+            return
+        envs = [first]
+        if with_init:  # the kubelet re-sends the same IDs for the app container at once
+            envs.append(self._allocate(resource, list(reversed(seats))))
+            assert envs[1] == envs[0], "the containers of one pod got different answers"
+        generations = dict(
+            zip(
+                first["KYB_GPU_SEAT"].split(","),
+                map(int, first["KYB_SEAT_GEN"].split(",")),
+                strict=True,
+            )
+        )
+        for seat, generation in generations.items():
+            key = (resource, seat)
+            assert generation > self.highest.get(key, 0), (
+                f"{seat} of {resource}: new holder got generation {generation}, "
+                f"an earlier holder had {self.highest.get(key)}"
+            )
+            self.highest[key] = generation
+        pod = f"p{self.next_pod}"
+        self.next_pod += 1
+        self.pods[pod] = (resource, tuple(seats))
+        self.generation_of[pod] = generations
+
+    @precondition(lambda self: bool(self.pods))
+    @rule(data=st.data())
+    def delete_pod(self, data: st.DataObject) -> None:
+        del self.pods[data.draw(st.sampled_from(sorted(self.pods)))]
+
+    @rule()
+    def reconcile(self) -> None:
+        if not self.outage:
+            self.board.reconcile(self._observed())
+            self.seen |= set(self.pods)
+
+    @rule()
+    def kubelet_restart_answers_one_empty_list(self) -> None:
+        if self.outage:
+            return
+        self.board.reconcile({})
+        # one empty answer proves nothing: a pod List has seen keeps its seats meanwhile
+        for pod in self.seen & set(self.pods):
+            resource, seats = self.pods[pod]
+            views = self.board.seat_views(resource)
+            assert all(views[DeviceId(s)].state == "held" for s in seats), (pod, seats)
+        self.board.reconcile(self._observed())
+        self.seen |= set(self.pods)
+
+    @rule(down=st.booleans())
+    def podresources_outage(self, down: bool) -> None:
+        self.outage = down
+
+    @rule(seconds=st.sampled_from([0.5, GONE_CONFIRM_S, 30.0, 61.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.mono.now += seconds
+        self.wall.now += seconds
+
+    @rule(step=st.sampled_from([-3600.0, 3600.0]))
+    def wall_clock_steps(self, step: float) -> None:
+        self.wall.now += step
+
+    @rule()
+    def plugin_restarts(self) -> None:
+        # SIGKILL-like: nothing flushed beyond what every change already wrote
+        self.board = self._open()
+
+    @invariant()
+    def a_live_pods_seats_are_held(self) -> None:
+        if self.outage:
+            return  # without List a pod never seen may outlive its grace: that is its rule
+        for pod, (resource, seats) in self.pods.items():
+            views = self.board.seat_views(resource)
+            for seat in seats:
+                view = views[DeviceId(seat)]
+                assert view.state == "held", (pod, seat, view)
+                # its binding is the one it was given: same generation, not a new one
+                assert view.generation == self.generation_of[pod][seat], (pod, seat, view)
+
+    @invariant()
+    def no_gpu_is_held_through_two_profiles(self) -> None:
+        holders: dict[int, set[str]] = {}
+        for (resource, _), binding in self.board._ledger.held():  # type: ignore[attr-defined]
+            for gpu in binding.gpus:
+                holders.setdefault(gpu, set()).add(resource)
+        assert all(len(r) == 1 for r in holders.values()), holders
+
+
+GenerationsMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
+TestGenerations = GenerationsMachine.TestCase
+
+
+def board_with(clock: Clock, wall: Clock | None = None, **kwargs: float) -> SeatBoard:
+    return SeatBoard(
+        seed_layout(),
+        Policy(),
+        None,
+        release_grace_s=kwargs.pop("grace", 60.0),
+        handoff_s=kwargs.pop("handoff", HANDOFF_S),
+        clock=wall or clock,
+        monotonic=clock,
+    )
+
+
+def gen(board: SeatBoard, resource: ResourceName, seat: str) -> int:
+    return int(board.allocate(resource, [[seat]])[0].envs["KYB_SEAT_GEN"])
+
+
+def test_short_pods_never_pass_their_generation_on() -> None:
+    # Pods a, b, c each admitted, run 3 s and deleted before any List saw them:
+    # before, all three got generation 1.
+    clock = Clock()
+    board = board_with(clock)
+    generations = []
+    for _ in range(3):
+        generations.append(gen(board, R1, "G0-s0"))
+        clock.now += 3.0
+    assert generations == [1, 2, 3]
+
+
+def test_the_init_to_app_hand_off_within_the_window_keeps_the_generation() -> None:
+    clock = Clock()
+    board = board_with(clock)
+    assert gen(board, R1, "G0-s0") == 1
+    clock.now += 0.05  # the kubelet admits the pod's containers back to back
+    assert gen(board, R1, "G0-s0") == 1
+    clock.now += HANDOFF_S + 0.01
+    assert gen(board, R1, "G0-s0") == 2
+
+
+def test_a_seen_holders_seat_repeated_is_a_new_holder_without_asking_podresources() -> None:
+    clock = Clock()
+    board = board_with(clock)
+    assert gen(board, R2, "G01-s0") == 1
+    board.reconcile({(R2, DeviceId("G01-s0")): Holder("ns", "a", "app")})
+    # pod a is deleted, pod b gets the seat while PodResources is down: no observation
+    assert not board.needs_observation(R2, [["G01-s0"]])
+    assert gen(board, R2, "G01-s0") == 2
+    board.reconcile({(R2, DeviceId("G01-s0")): Holder("ns", "b", "app")})
+    assert board.seat_views(R2)[DeviceId("G01-s0")].generation == 2
+
+
+def test_one_empty_list_releases_nothing_and_a_holder_that_reappears_keeps_its_binding() -> None:
+    clock = Clock()
+    board = board_with(clock)
+    gen(board, R1, "G0-s0")
+    a = {(R1, DeviceId("G0-s0")): Holder("ns", "a", "app")}
+    board.reconcile(a)
+    assert board.reconcile({})  # a kubelet restarting answers before its pods are back
+    assert board.seat_views(R1)[DeviceId("G0-s0")].state == "held"
+    assert board.seat_views(R2)[DeviceId("G01-s0")].state == "fenced"
+    board.reconcile(a)
+    clock.now += 10
+    assert not board.reconcile(a)
+    assert board.seat_views(R1)[DeviceId("G0-s0")].state == "held"
+    # even released after two empty answers, the holder showing up again gets it back
+    board.reconcile({})
+    clock.now += GONE_CONFIRM_S
+    board.reconcile({})
+    assert board.seat_views(R1)[DeviceId("G0-s0")].state == "free"
+    board.reconcile(a)
+    view = board.seat_views(R1)[DeviceId("G0-s0")]
+    assert (view.state, view.generation) == ("held", 1)
+    assert board.seat_views(R2)[DeviceId("G01-s0")].state == "fenced"
+
+
+def test_a_wall_clock_step_neither_releases_early_nor_holds_late() -> None:
+    mono, wall = Clock(), Clock()
+    board = board_with(mono, wall, grace=60.0)
+    gen(board, R1, "G0-s0")
+    wall.now += 3600  # an NTP step forward: before, the unseen binding ended at once
+    board.reconcile({})
+    assert board.seat_views(R1)[DeviceId("G0-s0")].state == "held"
+    wall.now -= 7200  # and back: the grace still ends on time
+    mono.now += 61
+    board.reconcile({})
+    assert board.seat_views(R1)[DeviceId("G0-s0")].state == "free"
