@@ -582,9 +582,15 @@ func TestKubeletRestart(t *testing.T) {
 // stays, allocatable drops to 0, Allocate is refused without reaching the
 // plugin); restarting it restores them. Neither a clean stop nor a crash
 // loses a binding: an init container's seat that passes to the app container
-// after the restart keeps its generation. (The real kubelet allocates all
-// containers of a pod in one admission, so this window is narrow; the manager
-// forgets init devices to reuse as soon as it allocates for another pod.)
+// after the restart gets a generation above the init container's, never the
+// same or an older one. The plugin cannot tell a hand-off that spans its
+// restart from a new holder, and a fencing token may only err upwards: a
+// restored binding never seen in PodResources List is past its hand-off
+// (issue 13). The real kubelet cannot even do this: it allocates all
+// containers of a pod back to back in one admission (a few milliseconds
+// apart, TestHandoffGap), and while the plugin is down it refuses the app
+// container's Allocate (the end of this test), so the admission fails; only
+// this harness, calling the manager per container, can split it.
 func TestPluginRestart(t *testing.T) {
 	w := setup(t, "--allow-overprovision", "true")
 	zero := map[string]int64{res1x: 0, res2x: 0}
@@ -624,10 +630,13 @@ func TestPluginRestart(t *testing.T) {
 		if !app.ids.Equal(in.ids) {
 			t.Fatalf("the manager gave main %v, not init's %v", sets.List(app.ids), sets.List(in.ids))
 		}
-		if fmt.Sprint(app.gens) != fmt.Sprint(in.gens) {
-			t.Errorf("after %s the plugin answered the reused seat with generations %v, want init's %v (a restart loses no binding)",
-				how, app.gens, in.gens)
+		for seat, g := range in.gens {
+			if app.gens[seat] <= g {
+				t.Errorf("after %s the plugin answered the reused seat %s with generation %d, want above init's %d (a restart loses no binding, and a hand-off across it is a new holder)",
+					how, seat, app.gens[seat], g)
+			}
 		}
+		t.Logf("after %s: init %v, main %v", how, in.gens, app.gens)
 	}
 	w.check(t, w.admit(t, pod1("r", res2x, 1)), "main", res2x)
 

@@ -141,8 +141,14 @@ func (k *kubelet) start() {
 		k.t.Fatalf("starting the device manager: %v", err)
 	}
 	k.m = m
+	k.startPodResources()
+	k.stopped = false
+}
 
-	// The kubelet's own PodResources v1 server, fed by this manager.
+// startPodResources serves the kubelet's own PodResources v1 server, fed by
+// this manager, on the PodResources socket.
+func (k *kubelet) startPodResources() {
+	k.t.Helper()
 	_ = os.Remove(k.podResSock)
 	ln, err := net.Listen("unix", k.podResSock)
 	if err != nil {
@@ -151,14 +157,24 @@ func (k *kubelet) start() {
 	srv := grpc.NewServer()
 	podresourcesv1.RegisterPodResourcesListerServer(srv, podresources.NewV1PodResourcesServer(k.ctx, podresources.PodResourcesProviders{
 		Pods:             k.pods,
-		Devices:          devicesProvider{m},
+		Devices:          devicesProvider{k.m},
 		Cpus:             noCPUs{},
 		Memory:           noMemory{},
 		DynamicResources: noDRA{},
 	}))
 	go func() { _ = srv.Serve(ln) }()
 	k.prServer = srv
-	k.stopped = false
+}
+
+// stopPodResources takes the PodResources server away (its socket too) while
+// the device manager keeps running: the plugin's view of the pods is down.
+func (k *kubelet) stopPodResources() {
+	if k.prServer == nil {
+		return
+	}
+	k.prServer.Stop()
+	k.prServer = nil
+	_ = os.Remove(k.podResSock)
 }
 
 func (k *kubelet) stop() {
@@ -166,8 +182,7 @@ func (k *kubelet) stop() {
 		return
 	}
 	k.stopped = true
-	k.prServer.Stop()
-	_ = os.Remove(k.podResSock)
+	k.stopPodResources()
 	if err := k.m.Stop(k.logger); err != nil {
 		k.t.Errorf("stopping the device manager: %v", err)
 	}
