@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,13 @@ from pkg.deviceplugin.allocator import layout
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.types import Gpu, GroupName, ResourceName, Topology
+
+
+def model_examples(default: int) -> int:
+    """How many runs a model-based test makes: ``default`` in tox (it runs the suite once
+    per topology), more for a long hunt (``KYB_MODEL_EXAMPLES=2000``)."""
+    return int(os.environ.get("KYB_MODEL_EXAMPLES", default))
+
 
 R1 = ResourceName("kyb.ai/gpu-1x-seat")
 R2 = ResourceName("kyb.ai/gpu-2x-seat")

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, HANDOFF_S, Holder
 from pkg.deviceplugin.allocator.store import StateStore
-from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, seed_layout
+from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, model_examples, seed_layout
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 SEATS = {
@@ -180,7 +180,7 @@ class GenerationsMachine(RuleBasedStateMachine):
 
 
 GenerationsMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None
+    max_examples=model_examples(100), stateful_step_count=40, deadline=None
 )
 TestGenerations = GenerationsMachine.TestCase
 

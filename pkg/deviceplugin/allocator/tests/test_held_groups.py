@@ -28,7 +28,13 @@ from pkg.deviceplugin.allocator import layout
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.store import StateStore
-from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, four_gpus_in_nvlink_pairs
+from pkg.deviceplugin.allocator.tests.support import (
+    R1,
+    R2,
+    Clock,
+    four_gpus_in_nvlink_pairs,
+    model_examples,
+)
 from pkg.deviceplugin.nvml import fixtures
 from pkg.deviceplugin.nvml.topofile import load_topology_file
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
@@ -183,7 +189,7 @@ class HeldGroupsMachine(RuleBasedStateMachine):
 
 
 HeldGroupsMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None
+    max_examples=model_examples(80), stateful_step_count=30, deadline=None
 )
 TestHeldGroups = HeldGroupsMachine.TestCase
 
