@@ -21,7 +21,14 @@ from typing import Any, Literal, cast
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator import placement, response
 from pkg.deviceplugin.allocator.layout import Group, Layout, Pins, Plan, Seat, seat_id
-from pkg.deviceplugin.allocator.ledger import HANDOFF_S, Bound, Holder, Ledger, SeatKey
+from pkg.deviceplugin.allocator.ledger import (
+    HANDOFF_S,
+    Bound,
+    Holder,
+    Ledger,
+    SeatKey,
+    floor_after_loss,
+)
 from pkg.deviceplugin.allocator.store import StateStore, encode, encode_object
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
 
@@ -155,7 +162,19 @@ class SeatBoard:
         self._encoded: dict[GroupKey, str] = {}
         self._encoded_retired: str | None = None
         self._closed = False
-        self._restore(store.load() if store is not None else None)
+        doc = store.load() if store is not None else None
+        self._restore(doc)
+        if store is not None and store.lost is not None:
+            self._ledger.floor = max(
+                floor_after_loss(clock()), doc.get("generationFloor", 0) if doc else 0
+            )
+            log.warning(
+                "seat generations may have been lost (%s); every new generation starts above %d",
+                store.lost,
+                self._ledger.floor,
+            )
+        elif doc is not None:
+            self._ledger.floor = doc.get("generationFloor", 0)
         self._layout = Layout.of((), Topology(()))
         self._set_layout_locked(self._plan(self._pins_locked()))
         self._snapshot = self._build_snapshot(1)
@@ -582,11 +601,14 @@ class SeatBoard:
                 if device_id not in snapshot.seats.get(resource, {}):
                     retired.setdefault(resource, {})[device_id] = self._ledger.to_entry(key)
             self._encoded_retired = encode(retired)
-        return {
+        fields = {
             "resources": encode_object(resources),
             "retired": self._encoded_retired,
             "updatedAt": encode(self._clock()),
         }
+        if self._ledger.floor:
+            fields["generationFloor"] = encode(self._ledger.floor)
+        return fields
 
     def _group_document(
         self,

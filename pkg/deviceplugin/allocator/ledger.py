@@ -17,6 +17,11 @@ Rules (SPEC section 4):
   shows up again while its seat is still free gets its binding back, same generation.
 - ``List`` is evidence the other way too: a seat it shows held that the ledger has no
   binding for (its state was lost) is adopted, one generation above what is known.
+- A ledger that was lost (state file missing from a used state directory, set aside, or
+  with damaged entries) cannot say which generations were handed out: every generation
+  after it starts above a floor taken from the wall clock (:func:`floor_after_loss`),
+  saved with the ledger. So KYB_SEAT_GEN counts 1, 2, 3 on a node that never lost its
+  ledger, and jumps to a large number (about 2e14 in 2026) after a loss, never back.
 - Times are on the monotonic clock: a wall-clock step neither releases a binding early
   nor keeps one late. Only the wall-clock time of the last Allocate is saved (for
   people); a restored binding's grace and hand-off window start afresh at the restart,
@@ -90,6 +95,21 @@ class Bound:
     generation: int
     is_new: bool
     replaced: Binding | None = None
+    previous: int = 0
+    """The seat's generation before (what an undo restores)."""
+
+
+FLOOR_EPOCH = 1_577_836_800
+"""2020-01-01T00:00:00Z: generation floors count microseconds from here."""
+
+
+def floor_after_loss(wall: float) -> int:
+    """The generation floor after the ledger was lost: microseconds of wall-clock time
+    since 2020. No seat is bound twice within a microsecond, so generations counted
+    from 1 (or from an earlier floor) one binding at a time stay below the wall clock's
+    microseconds, and every generation after a loss is above every one before it, as
+    long as the wall clock at a loss is later than at the last one."""
+    return max(0, int((wall - FLOOR_EPOCH) * 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,8 @@ class Ledger:
         self.release_grace_s = release_grace_s
         self.handoff_s = handoff_s
         self.gone_confirm_s = gone_confirm_s
+        self.floor = 0
+        """Every new generation is above this (see :func:`floor_after_loss`)."""
         self._records: dict[SeatKey, SeatRecord] = {}
 
     def record(self, key: SeatKey) -> SeatRecord:
@@ -141,17 +163,18 @@ class Ledger:
             live.allocated_at = max(live.allocated_at, now)
             live.allocated_wall = max(live.allocated_wall, wall)
             return Bound(live.generation, False)
-        record.generation += 1
+        previous = record.generation
+        record.generation = max(previous, self.floor) + 1
         record.binding = Binding(record.generation, now, group, gpus, allocated_wall=wall)
         record.released = None
-        return Bound(record.generation, True, live)
+        return Bound(record.generation, True, live, previous)
 
     def unbind(self, key: SeatKey, bound: Bound) -> None:
         """Undo a new binding that could not be made durable (nothing was promised yet)."""
         record = self._records[key]
         if record.binding is not None and record.binding.generation == bound.generation:
             record.binding = bound.replaced
-            record.generation = bound.generation - 1
+            record.generation = bound.previous
 
     def reconcile(
         self, observed: Mapping[SeatKey, Holder], now: float
@@ -219,7 +242,7 @@ class Ledger:
         """A seat ``List`` shows held that the ledger has no binding for (its state was
         lost): bind it to that holder, one generation above what the ledger knows."""
         record = self._records.setdefault(key, SeatRecord())
-        record.generation += 1
+        record.generation = max(record.generation, self.floor) + 1
         record.binding = Binding(
             record.generation, now, group, gpus, holder, allocated_wall=wall, handoff=False
         )

@@ -165,18 +165,29 @@ class _Entry(BaseModel):
 
 
 class StateStore:
-    def __init__(self, state_dir: Path) -> None:
+    """``used_before``: a file that an earlier start left in the state directory (the
+    topology cache): with it there, a missing state file was lost, not never written."""
+
+    def __init__(self, state_dir: Path, used_before: str | None = None) -> None:
         self.state_dir = state_dir
         self.path = state_dir / STATE_FILE
+        self._used_before = used_before
+        self.lost: str | None = None
+        """After :meth:`load`: why generations may have been lost (None: nothing was)."""
 
     def load(self) -> dict[str, Any] | None:
         """The saved document, checked and repaired as the module docstring says, or
         None for a fresh start (no file, or one set aside)."""
+        self.lost = None
+        damaged: list[str] = []
         try:
-            return _checked(read_json(self.path))
+            doc = _checked(read_json(self.path), damaged)
         except FileNotFoundError:
+            if self._used_before and (self.state_dir / self._used_before).exists():
+                self.lost = f"{self.path} is missing, though {self.state_dir} was used before"
             return None
         except DamagedFile as exc:
+            self.lost = f"{self.path} was {exc}"
             log.error(
                 "seat ledger %s is %s; %s; rebuilding from the kubelet's PodResources",
                 self.path,
@@ -184,6 +195,9 @@ class StateStore:
                 set_aside(self.path),
             )
             return None
+        if damaged:
+            self.lost = f"{self.path} had damaged entries ({', '.join(damaged[:3])}...)"
+        return doc
 
     def save(self, doc: Mapping[str, Any]) -> None:
         self.save_encoded({key: encode(value) for key, value in doc.items()})
@@ -201,7 +215,7 @@ class StateStore:
         atomic_write(self.path, payload)
 
 
-def _checked(doc: object) -> dict[str, Any]:
+def _checked(doc: object, damaged: list[str]) -> dict[str, Any]:
     """``doc`` cut down to what the ledger reads, with damaged entries repaired; raises
     :class:`DamagedFile` for a document that is not of this format at all."""
     if not isinstance(doc, dict):
@@ -215,13 +229,22 @@ def _checked(doc: object) -> dict[str, Any]:
         groups: dict[str, Any] = {}
         for group, group_body in _objects(body, "groups", f"resources/{resource}").items():
             seats = _objects(group_body, "seats", f"resources/{resource}/groups/{group}")
-            groups[group] = {"seats": _entries(resource, seats)}
+            groups[group] = {"seats": _entries(resource, seats, damaged)}
         resources[resource] = {"groups": groups}
     retired = {
-        resource: _entries(resource, _objects(seats, None, f"retired/{resource}"))
+        resource: _entries(resource, _objects(seats, None, f"retired/{resource}"), damaged)
         for resource, seats in _objects(doc, "retired").items()
     }
-    return {"version": FORMAT_VERSION, "resources": resources, "retired": retired}
+    floor = doc.get("generationFloor", 0)
+    if type(floor) is not int or not 0 <= floor <= MAX_GENERATION:
+        damaged.append("generationFloor")
+        floor = 0
+    return {
+        "version": FORMAT_VERSION,
+        "resources": resources,
+        "retired": retired,
+        "generationFloor": floor,
+    }
 
 
 def _objects(parent: dict[str, Any], key: str | None, where: str = "") -> dict[str, dict[str, Any]]:
@@ -238,15 +261,18 @@ def _objects(parent: dict[str, Any], key: str | None, where: str = "") -> dict[s
     return value
 
 
-def _entries(resource: str, seats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {seat: _entry(resource, seat, raw) for seat, raw in seats.items()}
+def _entries(
+    resource: str, seats: dict[str, dict[str, Any]], damaged: list[str]
+) -> dict[str, dict[str, Any]]:
+    return {seat: _entry(resource, seat, raw, damaged) for seat, raw in seats.items()}
 
 
-def _entry(resource: str, seat: str, raw: dict[str, Any]) -> dict[str, Any]:
+def _entry(resource: str, seat: str, raw: dict[str, Any], damaged: list[str]) -> dict[str, Any]:
     """One seat entry, checked; a damaged one keeps only its best generation."""
     try:
         return _Entry.model_validate(raw).model_dump(by_alias=True)
     except ValidationError as exc:
+        damaged.append(printable(f"{resource}/{seat}"))
         problem = exc.errors()[0]
         binding = raw.get("binding")
         found = [

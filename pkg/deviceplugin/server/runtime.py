@@ -164,7 +164,7 @@ class Runtime:
         self.board = SeatBoard(
             plan_of(config, self.topology),
             policy_of(config),
-            StateStore(config.state_dir),
+            StateStore(config.state_dir, used_before=topocache.CACHE_FILE),
             release_grace_s=config.release_grace_period,
             handoff_s=config.handoff_window,
             dev_root=dev_root,

@@ -13,9 +13,11 @@ every step:
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -270,3 +272,62 @@ def test_a_wall_clock_step_neither_releases_early_nor_holds_late() -> None:
     mono.now += 61
     board.reconcile({})
     assert board.seat_views(R1)[DeviceId("G0-s0")].state == "free"
+
+
+def stored_board(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
+    return SeatBoard(
+        seed_layout(),
+        Policy(),
+        StateStore(state_dir, used_before="topology.json"),
+        release_grace_s=60,
+        clock=wall,
+        monotonic=mono,
+    )
+
+
+def damage(path: Path, how: str) -> None:
+    doc = json.loads(path.read_text())
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        path.write_text(path.read_text()[: len(path.read_text()) // 2])
+    elif how == "other-version":
+        path.write_text(json.dumps({**doc, "version": 2}))
+    elif how == "damaged-entry":
+        seats = doc["resources"][R1]["groups"]["G0"]["seats"]
+        seats["G0-s0"]["generation"] = -5
+        seats["G0-s0"]["binding"]["generation"] = "3"
+        path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "other-version", "damaged-entry"])
+def test_no_generation_repeats_after_the_state_file_is_lost(tmp_path: Path, how: str) -> None:
+    # Before, the next generation after a lost file was 1 again (after 1, 2, 3).
+    wall, mono = Clock(1_800_000_000.0), Clock()
+    board = stored_board(tmp_path, wall, mono)
+    (tmp_path / "topology.json").write_text("{}")  # what the runtime writes after it
+    handed = []
+    for _ in range(3):
+        handed.append(gen(board, R1, "G0-s0"))
+        wall.now += POD_LIFETIME
+        mono.now += POD_LIFETIME
+    assert handed == [1, 2, 3]
+    damage(tmp_path / "state.json", how)
+    wall.now += 1
+    after = stored_board(tmp_path, wall, mono)
+    first = gen(after, R1, "G0-s0")
+    assert first > max(handed)
+    # the floor is saved: a seat not bound since the loss jumps too, after a clean restart
+    again = stored_board(tmp_path, wall, mono)
+    assert gen(again, R1, "G1-s0") > max(handed)
+    # and a second loss later never goes back below the first one's generations
+    mono.now += POD_LIFETIME
+    wall.now += 60
+    (tmp_path / "state.json").unlink()
+    assert gen(stored_board(tmp_path, wall, mono), R1, "G0-s0") > first
+
+
+def test_a_fresh_node_counts_generations_from_1(tmp_path: Path) -> None:
+    board = stored_board(tmp_path, Clock(1_800_000_000.0), Clock())
+    assert gen(board, R1, "G0-s0") == 1
+    assert "generationFloor" not in json.loads((tmp_path / "state.json").read_text())
