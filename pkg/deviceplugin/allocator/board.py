@@ -22,6 +22,7 @@ from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator import placement, response
 from pkg.deviceplugin.allocator.layout import Group, Layout, Pins, Plan, Seat, seat_id
 from pkg.deviceplugin.allocator.ledger import (
+    GONE_CONFIRM_S,
     HANDOFF_S,
     Bound,
     Holder,
@@ -29,7 +30,7 @@ from pkg.deviceplugin.allocator.ledger import (
     SeatKey,
     floor_after_loss,
 )
-from pkg.deviceplugin.allocator.store import StateStore, encode, encode_object
+from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore, encode, encode_object
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class SeatView:
 
 
 GroupKey = tuple[ResourceName, GroupName]
+
+RESERVE_AHEAD = 1_000_000
+"""How far the generation reservation runs ahead of the highest generation handed out."""
 
 # An Allocate may name any number of IDs of any length; its error message (and the log
 # line quoting it) names the first few, each shortened, then a count, so that a hostile
@@ -164,9 +168,20 @@ class SeatBoard:
         self._closed = False
         doc = store.load() if store is not None else None
         self._restore(doc)
+        # After a lost ledger only PodResources knows which seats are held: no new
+        # binding until it has answered (else a seat it shows held, or one it fences,
+        # could be handed out twice), twice and GONE_CONFIRM_S apart, since a kubelet
+        # that is restarting answers before its pods are back.
+        self._awaiting_list = store is not None and store.lost is not None
+        if doc is not None and doc.get("awaitingList"):  # lost, then restarted too soon
+            self._awaiting_list = True
+        self._awaiting_since: float | None = None
+        self._reserved = store.reserved() if store is not None else 0
         if store is not None and store.lost is not None:
             self._ledger.floor = max(
-                floor_after_loss(clock()), doc.get("generationFloor", 0) if doc else 0
+                floor_after_loss(clock()),
+                self._reserved,
+                doc.get("generationFloor", 0) if doc else 0,
             )
             log.warning(
                 "seat generations may have been lost (%s); every new generation starts above %d",
@@ -221,6 +236,8 @@ class SeatBoard:
         follows from the ledger alone (the kubelet offers a device to a new container
         only after freeing it; see ``ledger``).
         """
+        if self._awaiting_list:
+            return True
         views = self._snapshot.seats.get(resource, {})
         return any(
             (view := views.get(DeviceId(device_id))) is not None and view.state == "fenced"
@@ -242,6 +259,16 @@ class SeatBoard:
     ) -> list[response.ContainerAllocation]:
         """Bind the seats of every container request, all or nothing."""
         with self._lock:
+            if self._awaiting_list and observed is not None:
+                self._reconcile_locked(observed)  # it may be the answer that ends the wait
+                observed = None
+            if self._awaiting_list:
+                raise AllocationError(
+                    "unavailable",
+                    "the seat ledger was lost and PodResources has not yet answered twice, "
+                    f"{GONE_CONFIRM_S:g}s apart, since; no new binding until it has (it "
+                    "shows which seats are held)",
+                )
             # What the observation changed is saved with the new binding, in one write.
             unsaved = observed is not None and self._reconcile_locked(observed, save=False)
             try:
@@ -270,6 +297,7 @@ class SeatBoard:
                 groups = {(resource, seat.group) for seat, _ in new}
                 shown = self._bindings_changed_locked(groups)
                 try:
+                    self._reserve_locked(max(made.generation for _, made in new))
                     if self._store is not None:
                         self._store.save_encoded(self._state_fields())
                 except OSError as exc:
@@ -431,6 +459,15 @@ class SeatBoard:
         """Apply one observation; whether it changed anything (then saved if ``save``)."""
         now = self._monotonic()
         releases, seen, self._gone_pending = self._ledger.reconcile(observed, now)
+        if self._awaiting_list:
+            if self._awaiting_since is None:
+                self._awaiting_since = now
+            elif now - self._awaiting_since >= GONE_CONFIRM_S:
+                self._awaiting_list = False
+                log.info("PodResources answered twice since the seat ledger was lost: serving")
+                if save:
+                    self._save()
+            self._gone_pending = self._gone_pending or self._awaiting_list
         for key, holder in observed.items():
             seat = self._layout.seat(*key)
             if seat is None or self._ledger.binding(key) is not None:
@@ -438,6 +475,10 @@ class SeatBoard:
             generation = self._ledger.adopt(
                 key, holder, now, seat.group.name, seat.group.indices, self._clock()
             )
+            try:
+                self._reserve_locked(generation)
+            except OSError as exc:
+                log.error("could not save the generation reservation: %s", exc)
             seen.append(key)
             log.warning(
                 "seat adopted: PodResources shows it held by %s, the seat ledger had no "
@@ -608,6 +649,8 @@ class SeatBoard:
         }
         if self._ledger.floor:
             fields["generationFloor"] = encode(self._ledger.floor)
+        if self._awaiting_list:
+            fields["awaitingList"] = encode(True)
         return fields
 
     def _group_document(
@@ -814,6 +857,15 @@ class SeatBoard:
             generation = entry.get("generation") if isinstance(entry, Mapping) else None
             if isinstance(generation, int):
                 self._ledger.restore(key, {"generation": generation}, self._monotonic())
+
+    def _reserve_locked(self, generation: int) -> None:
+        """Make sure the reservation on disk is above ``generation`` before it is handed
+        out (one durable write per ``RESERVE_AHEAD`` generations)."""
+        if self._store is None or generation < self._reserved:
+            return
+        below = min(generation + RESERVE_AHEAD, MAX_GENERATION)
+        self._store.reserve(below)
+        self._reserved = below
 
     def _save(self) -> None:
         if self._store is None:

@@ -19,9 +19,12 @@ Rules (SPEC section 4):
   binding for (its state was lost) is adopted, one generation above what is known.
 - A ledger that was lost (state file missing from a used state directory, set aside, or
   with damaged entries) cannot say which generations were handed out: every generation
-  after it starts above a floor taken from the wall clock (:func:`floor_after_loss`),
-  saved with the ledger. So KYB_SEAT_GEN counts 1, 2, 3 on a node that never lost its
-  ledger, and jumps to a large number (about 2e14 in 2026) after a loss, never back.
+  after it starts above a floor, saved with the ledger: the generation reservation kept
+  next to the state file (every generation handed out is below it; the board writes it
+  once per million generations) where it survived, and the wall clock
+  (:func:`floor_after_loss`), whichever is higher. So KYB_SEAT_GEN counts 1, 2, 3 on a
+  node that never lost its ledger, and jumps to a large number (about 2e14 in 2026)
+  after a loss, never back, even across a wall-clock step while the reservation lasts.
 - Times are on the monotonic clock: a wall-clock step neither releases a binding early
   nor keeps one late. Only the wall-clock time of the last Allocate is saved (for
   people); a restored binding's grace and hand-off window start afresh at the restart,

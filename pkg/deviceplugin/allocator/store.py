@@ -47,6 +47,9 @@ STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 MAX_FILE_BYTES = 64 * 1024 * 1024
 """A state or cache file larger than this is damaged, not read into memory."""
+RESERVATION_FILE = "generations.json"
+"""Next to the state file, a bound on every generation handed out, written once per
+many bindings: a lost or damaged state file leaves it (see ``ledger.floor_after_loss``)."""
 MAX_GENERATION = 2**63 - 1
 """Generations leave the plugin in ``KYB_SEAT_GEN``; readers may hold them in an int64."""
 MAX_GPU_INDEX = 1023
@@ -214,6 +217,27 @@ class StateStore:
         """Durably replace the state file with ``payload``."""
         atomic_write(self.path, payload)
 
+    def reserved(self) -> int:
+        """The generation reservation (:data:`RESERVATION_FILE`): every generation ever
+        handed out is below it. 0 when there is none; a damaged file is set aside."""
+        path = self.state_dir / RESERVATION_FILE
+        try:
+            doc = read_json(path)
+        except FileNotFoundError:
+            return 0
+        except DamagedFile as exc:
+            log.error("generation reservation %s is %s; %s", path, exc, set_aside(path))
+            return 0
+        value = doc.get("reserved") if isinstance(doc, dict) else None
+        if type(value) is not int or not 0 <= value <= MAX_GENERATION:
+            log.error("generation reservation %s is damaged; %s", path, set_aside(path))
+            return 0
+        return value
+
+    def reserve(self, below: int) -> None:
+        """Durably record that every generation handed out will be below ``below``."""
+        atomic_write(self.state_dir / RESERVATION_FILE, encode({"reserved": below}))
+
 
 def _checked(doc: object, damaged: list[str]) -> dict[str, Any]:
     """``doc`` cut down to what the ledger reads, with damaged entries repaired; raises
@@ -239,11 +263,14 @@ def _checked(doc: object, damaged: list[str]) -> dict[str, Any]:
     if type(floor) is not int or not 0 <= floor <= MAX_GENERATION:
         damaged.append("generationFloor")
         floor = 0
+    # a lost ledger not yet rebuilt from PodResources when this was written
+    awaiting = doc.get("awaitingList", False) is not False
     return {
         "version": FORMAT_VERSION,
         "resources": resources,
         "retired": retired,
         "generationFloor": floor,
+        "awaitingList": awaiting,
     }
 
 

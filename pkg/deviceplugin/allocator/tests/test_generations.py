@@ -43,8 +43,11 @@ class GenerationsMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="kyb-gen-"))
         self.mono = Clock(5_000.0)
-        self.wall = Clock()
+        self.wall = Clock(1_800_000_000.0)
         self.board = self._open()
+        (self.dir / "topology.json").write_text("{}")  # as the runtime writes after start
+        self.adopt_pending: set[str] = set()
+        self.awaiting_list = False
         self.pods: dict[str, tuple[ResourceName, tuple[str, ...]]] = {}
         self.generation_of: dict[str, dict[str, int]] = {}
         self.seen: set[str] = set()
@@ -56,7 +59,7 @@ class GenerationsMachine(RuleBasedStateMachine):
         return SeatBoard(
             seed_layout(),
             Policy(),
-            StateStore(self.dir),
+            StateStore(self.dir, used_before="topology.json"),
             release_grace_s=60,
             clock=self.wall,
             monotonic=self.mono,
@@ -74,8 +77,33 @@ class GenerationsMachine(RuleBasedStateMachine):
         observed = None
         if not self.outage and self.board.needs_observation(resource, [seats]):
             observed = self._observed()
-        [answer] = self.board.allocate(resource, [seats], observed)
+        try:
+            [answer] = self.board.allocate(resource, [seats], observed)
+        finally:
+            if observed is not None:
+                self._listed()
         return answer.envs
+
+    def _listed(self) -> None:
+        """PodResources answered: a ledger lost before is rebuilt from it (once it has
+        answered twice, two seconds apart)."""
+        self.awaiting_list = self.board._awaiting_list  # type: ignore[attr-defined]
+        for pod in self.adopt_pending & set(self.pods):
+            resource, seats = self.pods[pod]
+            views = self.board.seat_views(resource)
+            for seat in seats:
+                view = views[DeviceId(seat)]
+                assert view.state == "held", (pod, seat, view)
+                # its binding survived (a damaged file loses only its damaged entries),
+                # or it was adopted one generation above anything handed out
+                assert view.generation == self.generation_of[pod][seat] or (
+                    view.generation > self.highest[(resource, seat)]
+                ), (pod, seat, view)
+                self.highest[(resource, seat)] = max(
+                    view.generation, self.highest[(resource, seat)]
+                )
+                self.generation_of[pod][seat] = view.generation
+        self.adopt_pending = set()
 
     @rule(
         resource=st.sampled_from([R1, R2]),
@@ -93,7 +121,10 @@ class GenerationsMachine(RuleBasedStateMachine):
         try:
             first = self._allocate(resource, seats)
         except AllocationError as exc:
-            assert exc.code == "precondition", exc  # fenced or drained: not admitted
+            # fenced or drained; or the ledger was lost and PodResources is down
+            assert exc.code == "precondition" or (
+                exc.code == "unavailable" and self.awaiting_list
+            ), exc
             return
         envs = [first]
         if with_init:  # the kubelet re-sends the same IDs for the app container at once
@@ -127,6 +158,7 @@ class GenerationsMachine(RuleBasedStateMachine):
     def reconcile(self) -> None:
         if not self.outage:
             self.board.reconcile(self._observed())
+            self._listed()
             self.seen |= set(self.pods)
 
     @rule()
@@ -135,7 +167,8 @@ class GenerationsMachine(RuleBasedStateMachine):
             return
         self.board.reconcile({})
         # one empty answer proves nothing: a pod List has seen keeps its seats meanwhile
-        for pod in self.seen & set(self.pods):
+        # (after a lost ledger, no seat is handed out until List has answered again)
+        for pod in self.seen & set(self.pods) if not self.awaiting_list else ():
             resource, seats = self.pods[pod]
             views = self.board.seat_views(resource)
             assert all(views[DeviceId(s)].state == "held" for s in seats), (pod, seats)
@@ -160,9 +193,24 @@ class GenerationsMachine(RuleBasedStateMachine):
         # SIGKILL-like: nothing flushed beyond what every change already wrote
         self.board = self._open()
 
+    @rule(how=st.sampled_from(["deleted", "truncated", "other-version", "damaged-entry"]))
+    def state_file_lost(self, how: str) -> None:
+        path = self.dir / "state.json"
+        if how == "damaged-entry":
+            path.write_text(path.read_text().replace('"generation":', '"generation":-', 1))
+        else:
+            damage(path, how)
+        self.wall.now += 1
+        self.board = self._open()
+        self.adopt_pending = set(self.pods)
+        self.awaiting_list = True
+        if not self.outage:  # the runtime asks PodResources at start, before serving
+            self.board.reconcile(self._observed())
+            self._listed()
+
     @invariant()
     def a_live_pods_seats_are_held(self) -> None:
-        if self.outage:
+        if self.outage or self.awaiting_list:
             return  # without List a pod never seen may outlive its grace: that is its rule
         for pod, (resource, seats) in self.pods.items():
             views = self.board.seat_views(resource)
@@ -275,7 +323,7 @@ def test_a_wall_clock_step_neither_releases_early_nor_holds_late() -> None:
 
 
 def stored_board(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
-    return SeatBoard(
+    board = SeatBoard(
         seed_layout(),
         Policy(),
         StateStore(state_dir, used_before="topology.json"),
@@ -283,6 +331,11 @@ def stored_board(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
         clock=wall,
         monotonic=mono,
     )
+    # the runtime asks PodResources at start, and again soon while the ledger is rebuilt
+    board.reconcile({})
+    mono.now += GONE_CONFIRM_S
+    board.reconcile({})
+    return board
 
 
 def damage(path: Path, how: str) -> None:
@@ -320,11 +373,61 @@ def test_no_generation_repeats_after_the_state_file_is_lost(tmp_path: Path, how:
     # the floor is saved: a seat not bound since the loss jumps too, after a clean restart
     again = stored_board(tmp_path, wall, mono)
     assert gen(again, R1, "G1-s0") > max(handed)
-    # and a second loss later never goes back below the first one's generations
+    # a second loss never goes back below the first one's generations, even after the
+    # wall clock stepped back an hour: the reservation next to the state file survived
     mono.now += POD_LIFETIME
-    wall.now += 60
+    wall.now -= 3600
     (tmp_path / "state.json").unlink()
     assert gen(stored_board(tmp_path, wall, mono), R1, "G0-s0") > first
+
+
+def test_a_lost_ledger_refuses_new_bindings_until_podresources_has_answered(
+    tmp_path: Path,
+) -> None:
+    wall, mono = Clock(1_800_000_000.0), Clock()
+    board = stored_board(tmp_path, wall, mono)
+    gen(board, R1, "G0-s0")
+    (tmp_path / "topology.json").write_text("{}")
+    (tmp_path / "state.json").unlink()
+    after = SeatBoard(
+        seed_layout(),
+        Policy(),
+        StateStore(tmp_path, used_before="topology.json"),
+        release_grace_s=60,
+        clock=wall,
+        monotonic=mono,
+    )
+    # a 2x seat on GPUs 0, 1 while a pod holds the 1x seat of GPU 0: nobody knows yet
+    assert after.needs_observation(R2, [["G01-s0"]])
+    with pytest.raises(AllocationError) as refused:
+        after.allocate(R2, [["G01-s0"]])
+    assert refused.value.code == "unavailable"
+    # PodResources shows the holder: adopted, it fences the 2x group; but one answer is
+    # not enough (a restarting kubelet answers before its pods are back)
+    held = {(R1, DeviceId("G0-s0")): Holder("ns", "a", "app")}
+    with pytest.raises(AllocationError) as waiting:
+        after.allocate(R2, [["G01-s0"]], held)
+    assert waiting.value.code == "unavailable"
+    # a restart meanwhile does not forget that the ledger is being rebuilt
+    after = SeatBoard(
+        seed_layout(),
+        Policy(),
+        StateStore(tmp_path, used_before="topology.json"),
+        release_grace_s=60,
+        clock=wall,
+        monotonic=mono,
+    )
+    with pytest.raises(AllocationError) as still:
+        after.allocate(R2, [["G01-s0"]])
+    assert still.value.code == "unavailable"
+    after.reconcile(held)
+    mono.now += GONE_CONFIRM_S
+    with pytest.raises(AllocationError) as fenced:
+        after.allocate(R2, [["G01-s0"]], held)
+    assert fenced.value.code == "precondition"
+    assert "awaitingList" not in json.loads((tmp_path / "state.json").read_text())
+    view = after.seat_views(R1)[DeviceId("G0-s0")]
+    assert view.state == "held" and view.generation > 1
 
 
 def test_a_fresh_node_counts_generations_from_1(tmp_path: Path) -> None:

@@ -146,18 +146,17 @@ class IncrementalMachine(RuleBasedStateMachine):
 
     @invariant()
     def state_file_holds_every_binding_an_allocate_answered(self) -> None:
-        # (a binding adopted from PodResources was promised to no one: the kubelet holds
-        # it already, and the next List adopts it again if a failed save lost it)
+        # Only what an Allocate answered was promised, and only until it ended: a binding
+        # adopted (or re-adopted) from PodResources is held by the kubelet already, and
+        # the next List adopts it again if a failed save lost it.
         doc = json.loads(self.store.path.read_text())
-        for resource in (R1, R2, R4):
-            for view in self.board.seat_views(resource).values():
-                if view.state != "held" or self.promised.get((resource, view.device_id)) != (
-                    view.generation
-                ):
-                    continue
-                group = doc["resources"][resource]["groups"][view.group]
-                saved = group["seats"][view.device_id]
-                assert saved["binding"]["generation"] == view.generation
+        for (resource, seat), generation in list(self.promised.items()):
+            view = self.board.seat_views(resource).get(DeviceId(seat))
+            if view is None or view.state != "held" or view.generation != generation:
+                del self.promised[(resource, seat)]
+                continue
+            saved = doc["resources"][resource]["groups"][view.group]["seats"][seat]
+            assert saved["binding"]["generation"] == view.generation
 
 
 IncrementalMachine.TestCase.settings = settings(

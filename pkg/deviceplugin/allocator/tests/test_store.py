@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from pkg.deviceplugin.allocator import store as store_mod
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
-from pkg.deviceplugin.allocator.ledger import floor_after_loss
+from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, floor_after_loss
 from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore
-from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
+from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, seed_layout
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 FREE_SEAT = ("kyb.ai/gpu-2x-seat", "G01", "G01-s0")
@@ -26,6 +26,17 @@ HELD_SEAT = ("kyb.ai/gpu-2x-seat", "G01", "G01-s1")
 
 def test_missing_file_is_a_fresh_start(tmp_path: Path) -> None:
     assert StateStore(tmp_path).load() is None
+
+
+MONOTONIC = Clock()
+
+
+def rebuilt_then_bound(board: SeatBoard) -> int:
+    """After a lost ledger: PodResources answers twice, 2 s apart (nothing held), then
+    a seat is bound; its generation."""
+    board.reconcile({})
+    MONOTONIC.now += GONE_CONFIRM_S
+    return int(board.allocate(R2, [["G01-s0"]], {})[0].envs["KYB_SEAT_GEN"])
 
 
 @pytest.mark.parametrize(
@@ -61,14 +72,15 @@ def test_corrupt_file_is_set_aside_with_one_log_line_and_never_crashes(
     store = StateStore(tmp_path)
     store.path.write_bytes(content)
     with caplog.at_level(logging.ERROR):
-        board = SeatBoard(seed_layout(), Policy(), store, release_grace_s=60)
+        board = SeatBoard(seed_layout(), Policy(), store, release_grace_s=60, monotonic=MONOTONIC)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "rebuilding from the kubelet's PodResources" in errors[0].getMessage()
     aside = list(tmp_path.glob("state.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == content
     # the ledger was lost: generations continue above the wall-clock floor, never at 1
-    generation = int(board.allocate(R2, [["G01-s0"]])[0].envs["KYB_SEAT_GEN"])
+    # (no new binding before PodResources has answered: it alone knows what is held)
+    generation = rebuilt_then_bound(board)
     assert generation > floor_after_loss(time.time() - 60)
     assert json.loads(store.path.read_text())["version"] == 1
 
@@ -113,8 +125,8 @@ def test_a_bad_generation_is_dropped_with_one_log_line_and_never_handed_out(
     store = StateStore(tmp_path)
     store.path.write_text(json.dumps(with_entry(FREE_SEAT, {"generation": generation})))
     with caplog.at_level(logging.ERROR):
-        board = SeatBoard(seed_layout(), Policy(), store, release_grace_s=60)
-    given_out = int(board.allocate(R2, [["G01-s0"]])[0].envs["KYB_SEAT_GEN"])
+        board = SeatBoard(seed_layout(), Policy(), store, release_grace_s=60, monotonic=MONOTONIC)
+    given_out = rebuilt_then_bound(board)
     assert 1 <= given_out <= MAX_GENERATION
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "kyb.ai/gpu-2x-seat/G01-s0" in errors[0]
