@@ -322,8 +322,8 @@ def test_a_wall_clock_step_neither_releases_early_nor_holds_late() -> None:
     assert board.seat_views(R1)[DeviceId("G0-s0")].state == "free"
 
 
-def stored_board(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
-    board = SeatBoard(
+def opened(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
+    return SeatBoard(
         seed_layout(),
         Policy(),
         StateStore(state_dir, used_before="topology.json"),
@@ -331,6 +331,10 @@ def stored_board(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
         clock=wall,
         monotonic=mono,
     )
+
+
+def stored_board(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
+    board = opened(state_dir, wall, mono)
     # the runtime asks PodResources at start, and again soon while the ledger is rebuilt
     board.reconcile({})
     mono.now += GONE_CONFIRM_S
@@ -389,14 +393,7 @@ def test_a_lost_ledger_refuses_new_bindings_until_podresources_has_answered(
     gen(board, R1, "G0-s0")
     (tmp_path / "topology.json").write_text("{}")
     (tmp_path / "state.json").unlink()
-    after = SeatBoard(
-        seed_layout(),
-        Policy(),
-        StateStore(tmp_path, used_before="topology.json"),
-        release_grace_s=60,
-        clock=wall,
-        monotonic=mono,
-    )
+    after = opened(tmp_path, wall, mono)
     # a 2x seat on GPUs 0, 1 while a pod holds the 1x seat of GPU 0: nobody knows yet
     assert after.needs_observation(R2, [["G01-s0"]])
     with pytest.raises(AllocationError) as refused:
@@ -409,14 +406,7 @@ def test_a_lost_ledger_refuses_new_bindings_until_podresources_has_answered(
         after.allocate(R2, [["G01-s0"]], held)
     assert waiting.value.code == "unavailable"
     # a restart meanwhile does not forget that the ledger is being rebuilt
-    after = SeatBoard(
-        seed_layout(),
-        Policy(),
-        StateStore(tmp_path, used_before="topology.json"),
-        release_grace_s=60,
-        clock=wall,
-        monotonic=mono,
-    )
+    after = opened(tmp_path, wall, mono)
     with pytest.raises(AllocationError) as still:
         after.allocate(R2, [["G01-s0"]])
     assert still.value.code == "unavailable"
