@@ -121,6 +121,26 @@ def test_unknown_or_duplicate_ids_are_invalid_argument_and_the_server_stays_up(
 
 
 @pytest.mark.e2e
+def test_a_flood_of_unknown_ids_is_invalid_argument_with_a_short_message(
+    serving: support.Node,
+) -> None:
+    # Before, the message quoted every ID: 100k IDs gave ~700 kB of details and the
+    # client saw RESOURCE_EXHAUSTED (metadata over gRPC's hard limit) instead.
+    plugin = support.plugin_stub(serving, "kyb.ai/gpu-1x-seat")
+    for ids in ([f"nope-{i}" for i in range(100_000)], ["x" * 1_000_000]):
+        with pytest.raises(grpc.RpcError) as err:
+            plugin.Allocate(
+                api_pb2.AllocateRequest(
+                    container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids)]
+                ),
+                timeout=30,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert len(err.value.details()) < 1000
+    assert max(len(line) for line in serving.log().splitlines()) < 2000
+
+
+@pytest.mark.e2e
 def test_init_container_seat_passes_to_the_app_container_with_the_same_generation(
     serving: support.Node,
 ) -> None:
