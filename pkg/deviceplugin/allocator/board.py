@@ -176,7 +176,11 @@ class SeatBoard:
         if doc is not None and doc.get("awaitingList"):  # lost, then restarted too soon
             self._awaiting_list = True
         self._awaiting_since: float | None = None
-        self._reserved = store.reserved() if store is not None else 0
+        self._reserved, held_over = store.sidecar() if store is not None else (0, {})
+        # After a lost ledger, the groups held over when it was lost stay pinned until
+        # PodResources has been asked: a seat it shows held is adopted on the GPUs its
+        # pod has, not on the ones the config gives its group now.
+        self._lost_pins = held_over if self._awaiting_list else {}
         if store is not None and store.lost is not None:
             self._ledger.floor = max(
                 floor_after_loss(clock()),
@@ -465,6 +469,11 @@ class SeatBoard:
             elif now - self._awaiting_since >= GONE_CONFIRM_S:
                 self._awaiting_list = False
                 log.info("PodResources answered twice since the seat ledger was lost: serving")
+                if self._lost_pins:  # what no adopted seat holds is free to regroup
+                    self._lost_pins = {}
+                    self._replan_locked()
+                    self._rebuild_locked()
+                    self._changed.notify_all()
                 if save:
                     self._save()
             self._gone_pending = self._gone_pending or self._awaiting_list
@@ -555,6 +564,9 @@ class SeatBoard:
 
     def _pins_locked(self) -> dict[int, list[tuple[GroupName, tuple[int, ...]]]]:
         pinned: dict[int, dict[str, tuple[int, ...]]] = {}
+        for size, groups in self._lost_pins.items():
+            for name, gpus in groups:
+                pinned.setdefault(size, {})[name] = gpus
         for _, binding in self._ledger.held():
             pinned.setdefault(len(binding.gpus), {})[binding.group] = binding.gpus
         return {
@@ -589,6 +601,11 @@ class SeatBoard:
                     group.name,
                     extra={"resource": resource, "group": group.name, "gpus": group.indices},
                 )
+        if before != after and self._store is not None:
+            try:
+                self._store.save_sidecar(self._reserved, _held_over_pins(layout))
+            except OSError as exc:
+                log.error("could not save the held-over groups: %s", exc)
         self._layout = layout
         self._places = _places(layout)
 
@@ -864,7 +881,7 @@ class SeatBoard:
         if self._store is None or generation < self._reserved:
             return
         below = min(generation + RESERVE_AHEAD, MAX_GENERATION)
-        self._store.reserve(below)
+        self._store.save_sidecar(below, _held_over_pins(self._layout))
         self._reserved = below
 
     def _save(self) -> None:
@@ -874,6 +891,13 @@ class SeatBoard:
             self._store.save_encoded(self._state_fields())
         except OSError as exc:
             log.error("could not save the seat ledger to %s: %s", self._store.path, exc)
+
+
+def _held_over_pins(layout: Layout) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
+    pins: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+    for _, group in layout.held_over:
+        pins.setdefault(len(group.gpus), []).append((group.name, group.indices))
+    return pins
 
 
 def _as_plan(plan: Plan | Layout) -> Plan:

@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring_ascii as _encode_key
 from pathlib import Path
 from typing import Annotated, Any
@@ -167,6 +167,16 @@ class _Entry(BaseModel):
     binding: _Binding | None = None
 
 
+class _Sidecar(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reserved: _Int = Field(ge=0, le=MAX_GENERATION)
+    held_over: dict[
+        Annotated[str, Field(pattern=r"^[124]$")],
+        list[tuple[_Str, list[Annotated[int, Strict(), Field(ge=0, le=MAX_GPU_INDEX)]]]],
+    ] = Field(default_factory=dict, alias="heldOver")
+
+
 class StateStore:
     """``used_before``: a file that an earlier start left in the state directory (the
     topology cache): with it there, a missing state file was lost, not never written."""
@@ -217,26 +227,43 @@ class StateStore:
         """Durably replace the state file with ``payload``."""
         atomic_write(self.path, payload)
 
-    def reserved(self) -> int:
-        """The generation reservation (:data:`RESERVATION_FILE`): every generation ever
-        handed out is below it. 0 when there is none; a damaged file is set aside."""
+    def sidecar(self) -> tuple[int, dict[int, list[tuple[str, tuple[int, ...]]]]]:
+        """What :data:`RESERVATION_FILE` keeps: the generation reservation (every
+        generation ever handed out is below it; 0 when there is none) and the groups
+        held over from an earlier config or topology (per group size, name and GPU
+        indices: what a seat adopted after a lost ledger is bound on). A damaged file is
+        set aside and counts as none."""
         path = self.state_dir / RESERVATION_FILE
         try:
             doc = read_json(path)
         except FileNotFoundError:
-            return 0
+            return 0, {}
         except DamagedFile as exc:
             log.error("generation reservation %s is %s; %s", path, exc, set_aside(path))
-            return 0
-        value = doc.get("reserved") if isinstance(doc, dict) else None
-        if type(value) is not int or not 0 <= value <= MAX_GENERATION:
+            return 0, {}
+        try:
+            checked = _Sidecar.model_validate(doc)
+        except ValidationError:
             log.error("generation reservation %s is damaged; %s", path, set_aside(path))
-            return 0
-        return value
+            return 0, {}
+        held = {
+            int(size): [(name, tuple(gpus)) for name, gpus in groups]
+            for size, groups in checked.held_over.items()
+        }
+        return checked.reserved, held
 
-    def reserve(self, below: int) -> None:
-        """Durably record that every generation handed out will be below ``below``."""
-        atomic_write(self.state_dir / RESERVATION_FILE, encode({"reserved": below}))
+    def save_sidecar(
+        self, reserved: int, held_over: Mapping[int, Sequence[tuple[str, Sequence[int]]]]
+    ) -> None:
+        """Durably record the reservation and the held-over groups."""
+        doc = {
+            "reserved": reserved,
+            "heldOver": {
+                str(size): [[name, list(gpus)] for name, gpus in groups]
+                for size, groups in held_over.items()
+            },
+        }
+        atomic_write(self.state_dir / RESERVATION_FILE, encode(doc))
 
 
 def _checked(doc: object, damaged: list[str]) -> dict[str, Any]:

@@ -268,3 +268,36 @@ def test_group_names_stay_when_the_gpus_from_10_up_are_off_the_bus_at_a_restart(
     degraded = {(r, g.name): g.indices for r, g in layout.build(specs, (), low).groups()}
     assert degraded and all(full.get(key) == members for key, members in degraded.items())
     assert (R2, "G01") in degraded and (R2, "G10-11") in full
+
+
+def test_a_seat_adopted_after_a_lost_ledger_stays_on_its_held_over_group(tmp_path: Path) -> None:
+    # Found by the process-level model (tests/e2e/test_model.py): the ledger is lost
+    # while a group is held over; PodResources shows the seat held, and it used to be
+    # adopted on the GPUs the config gives its group now (0, 2), not its pod's (0, 1).
+    wall, mono = Clock(1_800_000_000.0), Clock()
+
+    def opened(config: str) -> SeatBoard:
+        return SeatBoard(
+            plan_for(config),
+            Policy(),
+            StateStore(tmp_path, used_before="topology.json"),
+            release_grace_s=60,
+            clock=wall,
+            monotonic=mono,
+        )
+
+    board = opened("seed")
+    (tmp_path / "topology.json").write_text("{}")
+    board.allocate(R2, [["G01-s0"]])
+    board.apply(plan=plan_for("moved"))  # G01 stays on GPUs 0, 1 for its holder
+    (tmp_path / "state.json").unlink()
+    after = opened("moved")
+    held = {(R2, DeviceId("G01-s0")): Holder("ns", "a", "main")}
+    after.reconcile(held)
+    mono.now += 2
+    after.reconcile(held)
+    seat = after.layout.seat(R2, DeviceId("G01-s0"))
+    assert seat is not None and seat.group.indices == (0, 1)
+    views = after.seat_views(R1)
+    assert views[DeviceId("G0-s0")].state == views[DeviceId("G1-s0")].state == "fenced"
+    assert views[DeviceId("G2-s0")].state == "free"
