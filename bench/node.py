@@ -178,8 +178,10 @@ class Node:
         updates: bool = False,
         env: dict[str, str] | None = None,
         server_workers: int | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.env = env or {}
+        self.args = list(args)  # more serve flags (e.g. --handoff-window)
         self.server_workers = server_workers
         self.fixture = fixture
         self.root = short_tmpdir(prefix)
@@ -193,6 +195,7 @@ class Node:
         self.kubelet: LineProcess | None = None
         self.plugin: subprocess.Popen[str] | None = None
         self.channels: dict[ResourceName, grpc.Channel] = {}
+        self.admitted: set[str] = set()  # device IDs of every pod admitted (any profile)
 
     def command(self) -> list[str]:
         # bench.plugin: the same serve command with another gRPC pool size
@@ -216,6 +219,7 @@ class Node:
             self.fixture,
             "--config",
             str(self.config),
+            *self.args,
         ]
 
     def start(self, timeout: float = 60.0) -> float:
@@ -270,7 +274,9 @@ class Node:
         answer = self.kubelet.send(f"admit {pod} {resource} {count}")
         if not answer.startswith("ok "):
             raise BenchError(f"kubelet could not admit {pod}: {answer}")
-        return answer[3:].split(",")
+        devices = answer[3:].split(",")
+        self.admitted.update(devices)
+        return devices
 
     def tail(self, lines: int = 5) -> str:
         text = self.plugin_log.read_text() if self.plugin_log.exists() else ""

@@ -1,4 +1,4 @@
-"""Where the time and memory go: ``python -m bench.profile [new|preferred|memory ...]``.
+"""Where the time and memory go: ``python -m bench.profile [new|preferred|memory|journal ...]``.
 
 In-process cProfile of the plugin's hot paths (no gRPC: that part is the echo's), on the
 16-GPU node with the benchmark's three profiles of 32 seats:
@@ -6,7 +6,11 @@ In-process cProfile of the plugin's hot paths (no gRPC: that part is the echo's)
 - ``new``: ``SeatBoard.allocate`` of fresh seats with a real (fsync'ing) state store,
   plus a split of one new binding into its steps;
 - ``preferred``: ``SeatBoard.preferred`` with every 1x seat available, size 2;
-- ``memory``: the serving process's RSS after each import of the serve path.
+- ``memory``: the serving process's RSS after each import of the serve path;
+- ``journal``: what a write-ahead journal would cost a new binding, measured without
+  one in the product: ``StateStore.write`` of the state file as big as the bench's
+  16-GPU node has it at its new bindings, and of a file as small as one journal record
+  (~200 bytes), against appending one such record to an open file and ``fdatasync``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import cProfile
 import io
 import json
+import os
 import pstats
 import shutil
 import subprocess
@@ -21,7 +26,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from bench import rpc
 from bench.node import REPO, RESOURCES, SEATS_PER_GROUP, seat_ids, short_tmpdir, topology_of
+from bench.stats import percentile
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
 from pkg.deviceplugin.allocator.store import StateStore, encode_object
@@ -33,7 +40,15 @@ FIXTURE = "nvswitch-16"
 def _board(state: StateStore | None) -> SeatBoard:
     specs = [layout_mod.ProfileSpec(r, group_size_of(r), SEATS_PER_GROUP) for r in RESOURCES]
     layout = layout_mod.build(specs, [], topology_of(FIXTURE))
-    return SeatBoard(layout, Policy(allow_overprovision=True), state, release_grace_s=3600.0)
+    # the bench's windows: nothing released, a repeat stays the hand-off (the default
+    # window, 2 s, would turn the repeat measured below into new bindings on a slow run)
+    return SeatBoard(
+        layout,
+        Policy(allow_overprovision=True),
+        state,
+        release_grace_s=3600.0,
+        handoff_s=3600.0,
+    )
 
 
 def _profile(title: str, work: Callable[[], None], lines: int = 18) -> None:
@@ -51,6 +66,13 @@ def _ms(work: Callable[[], object], repeat: int) -> float:
     for _ in range(repeat):
         work()
     return (time.perf_counter() - started) * 1e3 / repeat
+
+
+class _NoWrite(StateStore):
+    """A state store whose durable write does nothing (everything before it runs)."""
+
+    def write(self, payload: str) -> None:
+        pass
 
 
 def new_binding() -> None:
@@ -97,15 +119,111 @@ def new_binding() -> None:
                 "StateStore.write (write + 2 fsync + rename)": _ms(
                     lambda: store.write(payload), 20
                 ),
-                "allocate, repeat of a bound seat": _ms(
+                "allocate, repeat of a bound seat (the hand-off)": _ms(
                     lambda: board.allocate(one_x, [[seats[0]]], None), 200
                 ),
             }
         finally:
             board._lock.release()
+        # A new binding whole, next to the same write alone and to a new binding on a
+        # board whose write does nothing (the board's CPU), in alternating blocks, p50.
+        cpu_board = _board(_NoWrite(root / "cpu"))
+        cpu_fresh = iter(seats)
+        for _ in range(100):  # as many bound as on the board above
+            cpu_board.allocate(one_x, [[next(cpu_fresh)]], None)
+
+        def new(_: int) -> None:
+            board.allocate(one_x, [[next(fresh)]], None)
+
+        def cpu(_: int) -> None:
+            cpu_board.allocate(one_x, [[next(cpu_fresh)]], None)
+
+        split = rpc.interleaved(
+            {"new": new, "write": lambda _: store.write(payload), "cpu": cpu},
+            rounds=15,
+            per_round=10,
+            warmup=5,
+        )
+        for name, key in (
+            ("allocate, new binding, all of it (p50)", "new"),
+            ("StateStore.write alone, same blocks (p50)", "write"),
+            ("allocate, new binding, StateStore.write a no-op: the board's CPU (p50)", "cpu"),
+        ):
+            steps[name] = percentile(split[key], 50)
         print(f"==== one new binding, step by step ({len(payload) / 1e3:.0f} kB state file)")
         for name, ms in steps.items():
             print(f"  {ms:8.3f} ms  {name}")
+        print()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+JOURNAL_RECORD_BYTES = 200
+JOURNAL_BOUND_SEATS = 50
+"""1x seats bound on the 16-GPU board before the journal measurement: the state file is
+then about as big as the bench's 16-GPU one when its new bindings start."""
+
+
+def journal(rounds: int = 40, per_round: int = 10) -> None:
+    root = short_tmpdir("kyb-bench-journal-")
+    try:
+        board = _board(None)
+        one_x = ResourceName("kyb.ai/gpu-1x-seat")
+        for device_id in seat_ids(FIXTURE)[one_x][:JOURNAL_BOUND_SEATS]:
+            board.allocate(one_x, [[device_id]], None)
+        with board._lock:
+            state = encode_object({**board._state_fields(), "version": "1"})
+        # One record as a journal would append it: the seat, its ledger entry, padded.
+        key = next(iter(board._ledger.keys()))
+        entry = json.dumps({"seat": list(key), **board._ledger.to_entry(key)})
+        record = (entry + " " * JOURNAL_RECORD_BYTES)[: JOURNAL_RECORD_BYTES - 1] + "\n"
+        big = StateStore(root / "big")
+        small = StateStore(root / "small")
+        appended = os.open(root / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # A journal whose space is written (zeros) and synced once ahead: an overwrite
+        # in place changes no file size or extent, so fdatasync flushes the data alone.
+        slots = (rounds + 2) * per_round
+        ahead = os.open(root / "journal-ahead", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(ahead, b"\0" * (slots * JOURNAL_RECORD_BYTES))
+        os.fsync(ahead)
+        data = record.encode()
+
+        def append(_: int) -> None:
+            os.write(appended, data)
+            os.fdatasync(appended)
+
+        def overwrite(i: int) -> None:
+            os.pwrite(ahead, data, (i % slots) * JOURNAL_RECORD_BYTES)
+            os.fdatasync(ahead)
+
+        try:
+            samples = rpc.interleaved(
+                {
+                    f"StateStore.write, {len(state) / 1e3:.0f} kB (the whole state file)": (
+                        lambda _: big.write(state)
+                    ),
+                    f"StateStore.write, {len(record)} B file": lambda _: small.write(record),
+                    f"append {len(data)} B to an open file + fdatasync": append,
+                    f"overwrite {len(data)} B in a pre-written file + fdatasync": overwrite,
+                },
+                rounds=rounds,
+                per_round=per_round,
+                warmup=5,
+            )
+        finally:
+            os.close(appended)
+            os.close(ahead)
+        print(
+            f"==== durable write of one new binding, {rounds} x {per_round} each, in "
+            f"alternating blocks, on {root.parent} (ms)"
+        )
+        for name, values in samples.items():
+            print(f"  p50 {percentile(values, 50):6.3f}  p99 {percentile(values, 99):6.3f}  {name}")
+        whole, *_, first_append, in_place = (percentile(v, 50) for v in samples.values())
+        print(
+            f"  a journal record instead of the whole file would save {whole - first_append:.3f}"
+            f" ms (append) or {whole - in_place:.3f} ms (pre-written) per new binding, p50"
+        )
         print()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -183,9 +301,10 @@ def memory() -> None:
 
 
 def main(argv: list[str]) -> int:
-    chosen = argv or ["new", "preferred", "memory"]
+    chosen = argv or ["new", "preferred", "memory", "journal"]
+    steps = {"new": new_binding, "preferred": preferred, "memory": memory, "journal": journal}
     for name in chosen:
-        {"new": new_binding, "preferred": preferred, "memory": memory}[name]()
+        steps[name]()
     return 0
 
 
