@@ -13,9 +13,15 @@ from pkg.deviceplugin.types import Gpu, GroupName, ResourceName, Topology
 
 
 def model_examples(default: int) -> int:
-    """How many runs a model-based test makes: ``default`` in tox (it runs the suite once
-    per topology), more for a long hunt (``KYB_MODEL_EXAMPLES=2000``)."""
-    return int(os.environ.get("KYB_MODEL_EXAMPLES", default))
+    """How many runs a model-based or fuzz test makes: ``default`` where the suite runs
+    on the default topology (plain ``pytest``, tox's topo-dgx-a100); a tenth of it in the
+    other topo envs, since these tests do not read the selected topology (tox runs the
+    whole suite once per topology); more for a long hunt (``KYB_MODEL_EXAMPLES=2000``)."""
+    if "KYB_MODEL_EXAMPLES" in os.environ:
+        return int(os.environ["KYB_MODEL_EXAMPLES"])
+    if os.environ.get("KYB_TEST_TOPOLOGY", "dgx-a100") != "dgx-a100":
+        return max(5, default // 10)
+    return default
 
 
 R1 = ResourceName("kyb.ai/gpu-1x-seat")

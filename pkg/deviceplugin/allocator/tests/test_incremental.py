@@ -18,7 +18,13 @@ from pkg.deviceplugin.allocator import layout
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.store import StateStore
-from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, four_gpus_in_nvlink_pairs
+from pkg.deviceplugin.allocator.tests.support import (
+    R1,
+    R2,
+    Clock,
+    four_gpus_in_nvlink_pairs,
+    model_examples,
+)
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
 
 TOPOLOGY = four_gpus_in_nvlink_pairs()
@@ -160,7 +166,7 @@ class IncrementalMachine(RuleBasedStateMachine):
 
 
 IncrementalMachine.TestCase.settings = settings(
-    max_examples=80, stateful_step_count=30, deadline=None
+    max_examples=model_examples(80), stateful_step_count=30, deadline=None
 )
 TestIncrementalSnapshot = IncrementalMachine.TestCase
 

@@ -20,6 +20,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R2,
     Clock,
     four_gpus_in_nvlink_pairs,
+    model_examples,
 )
 from pkg.deviceplugin.types import DeviceId, GroupName
 
@@ -134,7 +135,9 @@ class LedgerMachine(RuleBasedStateMachine):
         assert set(doc["resources"]) == {R1, R2}
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+LedgerMachine.TestCase.settings = settings(
+    max_examples=model_examples(60), stateful_step_count=30, deadline=None
+)
 TestLedgerInvariants = LedgerMachine.TestCase
 
 

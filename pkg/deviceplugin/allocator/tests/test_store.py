@@ -17,7 +17,7 @@ from pkg.deviceplugin.allocator import store as store_mod
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, floor_after_loss
 from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore
-from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, seed_layout
+from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, model_examples, seed_layout
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 FREE_SEAT = ("kyb.ai/gpu-2x-seat", "G01", "G01-s0")
@@ -304,7 +304,9 @@ def assert_loads_and_restores(content: bytes) -> None:
         assert shown and all(0 <= g <= MAX_GENERATION for g in shown)
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=model_examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @FUZZ
