@@ -30,7 +30,13 @@ from pkg.deviceplugin.allocator.ledger import (
     SeatKey,
     floor_after_loss,
 )
-from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore, encode, encode_object
+from pkg.deviceplugin.allocator.store import (
+    MAX_GENERATION,
+    StateStore,
+    encode,
+    encode_object,
+    printable,
+)
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
 
 log = logging.getLogger(__name__)
@@ -90,17 +96,11 @@ QUOTED_REASON_CHARS = 300
 
 
 def quote_some(items: Sequence[str], *, separator: str = ", ", width: int = QUOTED_ID_CHARS) -> str:
-    """The first ``QUOTED_ITEMS`` of ``items``, each printable and at most ``width``
-    characters, then how many more there are."""
-    shown = [_shorten(item, width) for item in items[:QUOTED_ITEMS]]
+    """The first ``QUOTED_ITEMS`` of ``items``, each as :func:`store.printable` shows it
+    in at most ``width`` characters, then how many more there are."""
+    shown = [printable(item, width) for item in items[:QUOTED_ITEMS]]
     rest = len(items) - len(shown)
     return separator.join(shown) + (f"{separator}and {rest} more" if rest else "")
-
-
-def _shorten(text: str, width: int) -> str:
-    if not text.isprintable():
-        text = ascii(text)
-    return text if len(text) <= width else f"{text[: width - 13]}...({len(text)} chars)"
 
 
 @dataclass(frozen=True)

@@ -131,10 +131,10 @@ def set_aside(path: Path) -> str:
 
 
 def printable(text: str, width: int = 80) -> str:
-    """Untrusted text for a log line: escaped to printable ASCII on one line, at most
-    ``width`` characters of it."""
+    """Untrusted text for a log line or an error message: escaped to printable ASCII on
+    one line, at most ``width`` characters of it, then how long it was."""
     shown = ascii(text[:width])[1:-1]
-    return shown if len(text) <= width else f"{shown}..."
+    return shown if len(text) <= width else f"{shown}...({len(text)} chars)"
 
 
 _Int = Annotated[int, Strict()]
