@@ -108,16 +108,14 @@ class Layout:
     """Every profile's groups and seats, with a lookup by (resource, device ID).
 
     ``held_over``: groups that stay only for their held seats (the config or the
-    topology now asks for something else); ``waiting``: the groups the config asks for
-    that wait for those to be released. Both are empty in a layout that is exactly
-    what the config asks for.
+    topology now asks for something else); empty in a layout that is exactly what the
+    config asks for.
     """
 
     profiles: Mapping[ResourceName, ProfileLayout]
     topology: Topology
     _seats: Mapping[tuple[ResourceName, DeviceId], Seat] = field(repr=False, compare=False)
     held_over: tuple[tuple[ResourceName, Group], ...] = ()
-    waiting: tuple[tuple[ResourceName, Group], ...] = ()
 
     @classmethod
     def of(
@@ -125,7 +123,6 @@ class Layout:
         profiles: Iterable[ProfileLayout],
         topology: Topology,
         held_over: Iterable[tuple[ResourceName, Group]] = (),
-        waiting: Iterable[tuple[ResourceName, Group]] = (),
     ) -> Layout:
         by_resource = {p.resource: p for p in profiles}
         seats = {(s.resource, s.device_id): s for p in by_resource.values() for s in p.seats()}
@@ -134,7 +131,6 @@ class Layout:
             topology,
             MappingProxyType(seats),
             tuple(held_over),
-            tuple(waiting),
         )
 
     def seat(self, resource: ResourceName, device_id: DeviceId) -> Seat | None:
@@ -199,7 +195,6 @@ def build(
 
     layouts: list[ProfileLayout] = []
     held_over: list[tuple[ResourceName, Group]] = []
-    waiting: list[tuple[ResourceName, Group]] = []
     for position, profile in enumerate(profiles):
         pinned = {
             name: members
@@ -213,7 +208,8 @@ def build(
                 if explicit is not None
                 else _auto_groups(topology, profile.size, topology.indices)
             )
-            stale = [(n, m) for n, m in pinned.items() if (n, tuple(m)) not in set(wanted)]
+            configured = set(wanted)
+            stale = [(n, m) for n, m in pinned.items() if (n, m) not in configured]
             if not stale:
                 chosen = wanted
             else:
@@ -228,11 +224,6 @@ def build(
                 formed = [(n, m) for n, m in candidates if n not in pinned and taken.isdisjoint(m)]
                 chosen = sorted([*pinned.items(), *formed], key=lambda item: item[1])
                 held_over.extend((profile.resource, _group(topology, n, m)) for n, m in stale)
-                waiting.extend(
-                    (profile.resource, _group(topology, n, m))
-                    for n, m in wanted
-                    if (n, m) not in formed and pinned.get(n) != m
-                )
         except _TooManyGpus as exc:
             problems.append(
                 (
@@ -257,7 +248,7 @@ def build(
         layouts.append(ProfileLayout(profile, groups))
     if problems:
         raise LayoutError(problems)
-    return Layout.of(layouts, topology, held_over, waiting)
+    return Layout.of(layouts, topology, held_over)
 
 
 class _TooManyGpus(Exception):
