@@ -850,30 +850,18 @@ class SeatBoard:
         return snap
 
     def _restore(self, doc: Mapping[str, Any] | None) -> None:
+        """Take the ledger from a state document as ``StateStore.load`` gives it: every
+        entry there is checked already (a damaged one lost its binding in the store)."""
         if doc is None:
             return
-        for resource, body in (doc.get("resources") or {}).items():
-            for group in (body.get("groups") or {}).values():
-                for device_id, entry in (group.get("seats") or {}).items():
-                    self._restore_entry(resource, device_id, entry)
-        for resource, seats in (doc.get("retired") or {}).items():
+        now = self._monotonic()
+        for resource, body in doc["resources"].items():
+            for group in body["groups"].values():
+                for device_id, entry in group["seats"].items():
+                    self._ledger.restore((resource, device_id), entry, now)
+        for resource, seats in doc["retired"].items():
             for device_id, entry in seats.items():
-                self._restore_entry(resource, device_id, entry)
-
-    def _restore_entry(self, resource: str, device_id: str, entry: Any) -> None:
-        key = (ResourceName(resource), DeviceId(device_id))
-        try:
-            self._ledger.restore(key, entry, self._monotonic())
-        except (KeyError, TypeError, ValueError) as exc:
-            log.error(
-                "seat ledger entry %s/%s is damaged (%s); ignoring its binding",
-                resource,
-                device_id,
-                exc,
-            )
-            generation = entry.get("generation") if isinstance(entry, Mapping) else None
-            if isinstance(generation, int):
-                self._ledger.restore(key, {"generation": generation}, self._monotonic())
+                self._ledger.restore((resource, device_id), entry, now)
 
     def _reserve_locked(self, generation: int) -> None:
         """Make sure the reservation on disk is above ``generation`` before it is handed
