@@ -173,7 +173,7 @@ class SeatBoard:
         # could be handed out twice), twice and GONE_CONFIRM_S apart, since a kubelet
         # that is restarting answers before its pods are back.
         self._awaiting_list = store is not None and store.lost is not None
-        if doc is not None and doc.get("awaitingList"):  # lost, then restarted too soon
+        if doc is not None and doc["awaitingList"]:  # lost, then restarted too soon
             self._awaiting_list = True
         self._awaiting_since: float | None = None
         self._reserved, held_over = store.sidecar() if store is not None else (0, {})
@@ -181,19 +181,14 @@ class SeatBoard:
         # PodResources has been asked: a seat it shows held is adopted on the GPUs its
         # pod has, not on the ones the config gives its group now.
         self._lost_pins = held_over if self._awaiting_list else {}
+        self._ledger.floor = doc["generationFloor"] if doc is not None else 0
         if store is not None and store.lost is not None:
-            self._ledger.floor = max(
-                floor_after_loss(clock()),
-                self._reserved,
-                doc.get("generationFloor", 0) if doc else 0,
-            )
+            self._ledger.floor = max(self._ledger.floor, self._reserved, floor_after_loss(clock()))
             log.warning(
                 "seat generations may have been lost (%s); every new generation starts above %d",
                 store.lost,
                 self._ledger.floor,
             )
-        elif doc is not None:
-            self._ledger.floor = doc.get("generationFloor", 0)
         self._layout = Layout.of((), Topology(()))
         self._set_layout_locked(self._plan(self._pins_locked()))
         self._snapshot = self._build_snapshot(1)
