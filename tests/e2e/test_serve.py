@@ -245,6 +245,24 @@ def test_sigterm_stops_serving_removes_its_sockets_and_exits_zero(serving: suppo
 
 
 @pytest.mark.e2e
+def test_a_plugin_restarted_without_its_ledger_serves_again_within_seconds(
+    serving: support.Node,
+) -> None:
+    # After a lost ledger no seat is handed out until PodResources has answered twice,
+    # 2 s apart; the runtime asks the second time 2 s after start, not a whole
+    # reconcileInterval (30 s here) later.
+    assert serving.stop_plugin(signal.SIGKILL) == -signal.SIGKILL
+    (serving.state_dir / "state.json").unlink()
+    serving.extra_args = (*serving.extra_args, "--reconcile-interval", "30s")
+    before = {r: serving.kubelet.endpoints[r].registrations for r in RESOURCES}
+    serving.start_plugin()
+    assert serving.wait_registered(RESOURCES, after=before), serving.log()
+    assert support.wait_until(
+        lambda: "answered twice since the seat ledger was lost" in serving.log(), 6.0
+    ), serving.log()
+
+
+@pytest.mark.e2e
 def test_a_restarted_plugin_keeps_every_binding_and_generation(serving: support.Node) -> None:
     resource = "kyb.ai/gpu-1x-seat"
     needs_seats(resource)

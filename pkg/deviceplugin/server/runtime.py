@@ -206,11 +206,11 @@ class Runtime:
             log.info("metrics on http://%s/metrics", self.config.metrics_address)
         self.health.probe_once()
         self.health.start()
-        self.reconcile_once()
+        pending = self.reconcile_once()
         self.manager.sync()
         self.manager.tick()
         self._spawn("watch-kubelet", lambda: self.manager.run(self._stop))
-        self._spawn("reconcile", self._reconcile_loop)
+        self._spawn("reconcile", lambda: self._reconcile_loop(pending))
         self._spawn("refresh-topology", self._refresh_loop)
         if self.source is not None:
             self._spawn("watch-config", self._config_loop)
@@ -325,8 +325,9 @@ class Runtime:
         waiting = [Config.model_fields[name].alias or name for name in kept]
         return (new.model_copy(update=kept) if kept else new), waiting
 
-    def _reconcile_loop(self) -> None:
-        pending = False
+    def _reconcile_loop(self, pending: bool) -> None:
+        """``pending``: the first wait is short (the answer at start left a holder
+        missing, or a lost ledger waiting for a second answer)."""
         while not self._stop.wait(
             min(self.config.reconcile_interval, GONE_CONFIRM_S)
             if pending
