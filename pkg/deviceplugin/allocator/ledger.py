@@ -78,7 +78,7 @@ class Binding:
     allocated_wall: float = 0.0
     handoff: bool = True
     missing_since: float | None = None
-    missing_lists: int = 0
+    """Monotonic time of the first successful ``List`` that lacked its seen holder."""
 
 
 @dataclass(slots=True)
@@ -202,23 +202,24 @@ class Ledger:
                     and back.holder in (None, holder)
                     and back.generation == record.generation
                 ):
-                    back.missing_since, back.missing_lists = None, 0
+                    back.missing_since = None
                     back.holder, back.handoff = holder, False
                     record.binding, record.released = back, None
                     seen.append(key)
                 continue
             if holder is not None:
-                binding.missing_since, binding.missing_lists = None, 0
+                binding.missing_since = None
                 if binding.holder != holder:
                     binding.holder = holder
                     binding.handoff = False
                     seen.append(key)
                 continue
             if binding.holder is not None:
-                if binding.missing_since is None:
+                # gone only on a second answer that lacks it, gone_confirm_s after the first
+                since = binding.missing_since
+                if since is None:
                     binding.missing_since = now
-                binding.missing_lists += 1
-                if binding.missing_lists < 2 or now - binding.missing_since < self.gone_confirm_s:
+                if since is None or now - since < self.gone_confirm_s:
                     pending = True
                     continue
                 why = f"holder {binding.holder} is gone from PodResources"

@@ -294,6 +294,9 @@ def test_one_empty_list_releases_nothing_and_a_holder_that_reappears_keeps_its_b
     assert board.reconcile({})  # a kubelet restarting answers before its pods are back
     assert board.seat_views(R1)[DeviceId("G0-s0")].state == "held"
     assert board.seat_views(R2)[DeviceId("G01-s0")].state == "fenced"
+    clock.now += GONE_CONFIRM_S / 2
+    assert board.reconcile({})  # a second empty answer, but too soon after the first
+    assert board.seat_views(R1)[DeviceId("G0-s0")].state == "held"
     board.reconcile(a)
     clock.now += 10
     assert not board.reconcile(a)
