@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -40,6 +41,16 @@ from pkg.deviceplugin.allocator.store import (
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
 
 log = logging.getLogger(__name__)
+
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kyb-state-writer")
+"""Writes the state file behind the journal, for every board of the process."""
+
+
+def settle() -> None:
+    """Wait until every state file write queued behind journal lines so far has landed
+    (or found its board closed): then the files are what a restart would load."""
+    _WRITER.submit(lambda: None).result()
+
 
 SeatState = Literal["free", "held", "fenced", "drained", "unhealthy"]
 GOOD_STATES: frozenset[str] = frozenset({"free", "held"})
@@ -145,9 +156,11 @@ class SeatBoard:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         dev_root: Path = Path("/"),
+        write_behind: Callable[[Callable[[], None]], object] = _WRITER.submit,
     ) -> None:
         """``clock``: wall time, only for what the state file shows people;
-        ``monotonic``: every time the ledger's rules measure."""
+        ``monotonic``: every time the ledger's rules measure; ``write_behind``: runs
+        the state file's write behind new bindings' journal lines, later."""
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._plan = _as_plan(plan)
@@ -166,6 +179,11 @@ class SeatBoard:
         self._encoded: dict[GroupKey, str] = {}
         self._encoded_retired: str | None = None
         self._closed = False
+        # Saves of the state file, in the order their documents were taken (under the
+        # lock); the one behind new bindings' journal lines runs without the lock.
+        self._write_lock = threading.Lock()
+        self._write_pending = False
+        self._submit_write = write_behind
         doc = store.load() if store is not None else None
         self._restore(doc)
         # After a lost ledger only PodResources knows which seats are held: no new
@@ -297,8 +315,7 @@ class SeatBoard:
                 shown = self._bindings_changed_locked(groups)
                 try:
                     self._reserve_locked(max(made.generation for _, made in new))
-                    if self._store is not None:
-                        self._store.save_encoded(self._state_fields())
+                    self._persist_bindings_locked([(resource, seat.device_id) for seat, _ in new])
                 except OSError as exc:
                     for seat, made in reversed(new):
                         self._ledger.unbind((resource, seat.device_id), made)
@@ -610,8 +627,12 @@ class SeatBoard:
             self._changed.notify_all()
 
     def flush(self) -> None:
+        """Save the whole state file now (the journal's lines included) and empty the
+        journal; the runtime calls it at stop, after :meth:`close`."""
         with self._lock:
             self._save()
+            if self._store is not None:
+                self._store.close()
 
     # ---- status ------------------------------------------------------------------
 
@@ -867,11 +888,58 @@ class SeatBoard:
         self._store.save_sidecar(below, _held_over_pins(self._layout))
         self._reserved = below
 
+    def _persist_bindings_locked(self, keys: Sequence[SeatKey]) -> None:
+        """Make new bindings durable before their Allocate answers: a line appended to
+        the store's journal, the state file written behind it (for its readers, and to
+        empty the journal). Raises ``OSError`` when they may not be."""
+        store = self._store
+        if store is None:
+            return
+        if store.journal_full:
+            self._write_locked(store)
+            return
+        store.append(
+            [(resource, seat, self._ledger.to_entry((resource, seat))) for resource, seat in keys]
+        )
+        if not self._write_pending:
+            self._write_pending = True
+            self._submit_write(self._write_behind)
+
+    def _write_behind(self) -> None:
+        """Save the state file after bindings went to the journal, off the Allocate's
+        path; then empty the journal, unless more lines came meanwhile (the next write
+        behind them will)."""
+        store = self._store
+        assert store is not None
+        with self._lock:
+            if not self._write_pending or self._closed:
+                return  # a save came first; at close, the runtime's flush saves
+            self._write_pending = False
+            fields = self._state_fields()
+            appended = store.appended
+            self._write_lock.acquire()  # taken under the lock: saves land in order
+        try:
+            store.save_encoded(fields)
+        except OSError as exc:
+            log.error("could not save the seat ledger to %s: %s", store.path, exc)
+            return  # the journal still holds the bindings
+        finally:
+            self._write_lock.release()
+        with self._lock:
+            if store.appended == appended:
+                store.empty_journal()
+
+    def _write_locked(self, store: StateStore) -> None:
+        with self._write_lock:
+            store.save_encoded(self._state_fields())
+            self._write_pending = False
+            store.empty_journal()
+
     def _save(self) -> None:
         if self._store is None:
             return
         try:
-            self._store.save_encoded(self._state_fields())
+            self._write_locked(self._store)
         except OSError as exc:
             log.error("could not save the seat ledger to %s: %s", self._store.path, exc)
 

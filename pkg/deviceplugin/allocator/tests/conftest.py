@@ -1,3 +1,3 @@
-from pkg.deviceplugin.allocator.tests.support import clock, make_board
+from pkg.deviceplugin.allocator.tests.support import clock, make_board, writes
 
-__all__ = ["clock", "make_board"]
+__all__ = ["clock", "make_board", "writes"]

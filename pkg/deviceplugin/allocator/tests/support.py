@@ -75,8 +75,32 @@ def clock() -> Clock:
     return Clock()
 
 
+class WritesBehind:
+    """Stands in for the state file writer thread: the writes the board queues behind
+    its journal lines wait here until a test lets them ``land``, or a crash drops them."""
+
+    def __init__(self) -> None:
+        self.pending: list[Callable[[], None]] = []
+
+    def __call__(self, write: Callable[[], None]) -> None:
+        self.pending.append(write)
+
+    def land(self) -> None:
+        pending, self.pending = self.pending, []
+        for write in pending:
+            write()
+
+    def drop(self) -> None:
+        self.pending.clear()
+
+
 @pytest.fixture
-def make_board(tmp_path: Path, clock: Clock) -> MakeBoard:
+def writes() -> WritesBehind:
+    return WritesBehind()
+
+
+@pytest.fixture
+def make_board(tmp_path: Path, clock: Clock, writes: WritesBehind) -> MakeBoard:
     def make(
         policy: Policy | None = None,
         lay: layout.Layout | None = None,
@@ -91,6 +115,7 @@ def make_board(tmp_path: Path, clock: Clock) -> MakeBoard:
             clock=clock,
             monotonic=clock,
             dev_root=dev_root or tmp_path / "root",
+            write_behind=writes,
         )
 
     return make

@@ -8,7 +8,14 @@ import pytest
 
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
-from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, MakeBoard, seed_layout
+from pkg.deviceplugin.allocator.tests.support import (
+    R1,
+    R2,
+    Clock,
+    MakeBoard,
+    WritesBehind,
+    seed_layout,
+)
 from pkg.deviceplugin.types import DeviceId, GroupName
 
 POD_A = Holder("default", "a", "main")
@@ -257,10 +264,11 @@ def test_generations_and_bindings_survive_a_restart(make_board: MakeBoard, clock
 
 
 def test_state_file_is_the_status_shape_with_ledger_detail(
-    make_board: MakeBoard, tmp_path: Path
+    make_board: MakeBoard, tmp_path: Path, writes: WritesBehind
 ) -> None:
     board = make_board()
     board.allocate(R2, [["G01-s2"]])
+    writes.land()
     doc = json.loads((tmp_path / "state" / "state.json").read_text())
     assert doc["version"] == 1
     group = doc["resources"]["kyb.ai/gpu-2x-seat"]["groups"]["G01"]

@@ -25,7 +25,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, HANDOFF_S, Holder
 from pkg.deviceplugin.allocator.store import StateStore
-from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, model_examples, seed_layout
+from pkg.deviceplugin.allocator.tests.support import (
+    R1,
+    R2,
+    Clock,
+    WritesBehind,
+    model_examples,
+    seed_layout,
+)
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 SEATS = {
@@ -44,6 +51,7 @@ class GenerationsMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="kyb-gen-"))
         self.mono = Clock(5_000.0)
         self.wall = Clock(1_800_000_000.0)
+        self.writes = WritesBehind()
         self.board = self._open()
         (self.dir / "topology.json").write_text("{}")  # as the runtime writes after start
         self.adopt_pending: set[str] = set()
@@ -63,6 +71,7 @@ class GenerationsMachine(RuleBasedStateMachine):
             release_grace_s=60,
             clock=self.wall,
             monotonic=self.mono,
+            write_behind=self.writes,
         )
 
     def _observed(self) -> dict[tuple[ResourceName, DeviceId], Holder]:
@@ -189,12 +198,19 @@ class GenerationsMachine(RuleBasedStateMachine):
         self.wall.now += step
 
     @rule()
+    def state_file_written_behind(self) -> None:
+        self.writes.land()
+
+    @rule()
     def plugin_restarts(self) -> None:
-        # SIGKILL-like: nothing flushed beyond what every change already wrote
+        # SIGKILL-like: nothing flushed beyond what every change already wrote (new
+        # bindings perhaps only to the journal: the writes behind them die too)
+        self.writes.drop()
         self.board = self._open()
 
     @rule(how=st.sampled_from(["deleted", "truncated", "other-version", "damaged-entry"]))
     def state_file_lost(self, how: str) -> None:
+        self.writes.drop()
         path = self.dir / "state.json"
         if how == "damaged-entry":
             path.write_text(path.read_text().replace('"generation":', '"generation":-', 1))
@@ -326,6 +342,8 @@ def test_a_wall_clock_step_neither_releases_early_nor_holds_late() -> None:
 
 
 def opened(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
+    """A board whose state file is written right behind each new binding's journal
+    line, before its Allocate returns: a later restart sees both."""
     return SeatBoard(
         seed_layout(),
         Policy(),
@@ -333,6 +351,7 @@ def opened(state_dir: Path, wall: Clock, mono: Clock) -> SeatBoard:
         release_grace_s=60,
         clock=wall,
         monotonic=mono,
+        write_behind=lambda write: write(),
     )
 
 

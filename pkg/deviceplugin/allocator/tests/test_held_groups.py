@@ -32,6 +32,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R1,
     R2,
     Clock,
+    WritesBehind,
     four_gpus_in_nvlink_pairs,
     model_examples,
 )
@@ -79,6 +80,7 @@ class HeldGroupsMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="kyb-held-"))
         self.clock = Clock()
         self.config = "seed"
+        self.writes = WritesBehind()
         self.board = self._open()
         # (resource, seat) -> (pod, group name, GPUs) as the pod received them
         self.held: dict[tuple[ResourceName, str], tuple[str, str, tuple[int, ...]]] = {}
@@ -92,6 +94,7 @@ class HeldGroupsMachine(RuleBasedStateMachine):
             release_grace_s=60,
             clock=self.clock,
             monotonic=self.clock,
+            write_behind=self.writes,
         )
 
     def _observed(self) -> dict[tuple[ResourceName, DeviceId], Holder]:
@@ -133,11 +136,16 @@ class HeldGroupsMachine(RuleBasedStateMachine):
         self.config = config
         self.board.apply(plan=plan_for(config))
 
+    @rule()
+    def state_file_written_behind(self) -> None:
+        self.writes.land()
+
     @rule(clean=st.booleans())
     def restart(self, clean: bool) -> None:
         if clean:
             self.board.close()
             self.board.flush()
+        self.writes.drop()  # the writes behind the journal die with the process
         self.board = self._open()
 
     @invariant()
@@ -284,6 +292,7 @@ def test_a_seat_adopted_after_a_lost_ledger_stays_on_its_held_over_group(tmp_pat
             release_grace_s=60,
             clock=wall,
             monotonic=mono,
+            write_behind=lambda write: write(),
         )
 
     board = opened("seed")

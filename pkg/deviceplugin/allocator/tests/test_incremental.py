@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R1,
     R2,
     Clock,
+    WritesBehind,
     four_gpus_in_nvlink_pairs,
     model_examples,
 )
@@ -54,15 +56,23 @@ def build(seats_2x: int) -> layout.Layout:
 
 
 class FlakyStore(StateStore):
-    """A state store whose next save can be made to fail, as a full disk would."""
+    """A state store whose next save or journal line can be made to fail, as a full
+    disk would."""
 
     fail_next = False
 
     def write(self, payload: str) -> None:
+        self._maybe_fail()
+        super().write(payload)
+
+    def append(self, seats: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        self._maybe_fail()
+        super().append(seats)
+
+    def _maybe_fail(self) -> None:
         if self.fail_next:
             self.fail_next = False
             raise OSError(28, "No space left on device")
-        super().write(payload)
 
 
 class IncrementalMachine(RuleBasedStateMachine):
@@ -71,6 +81,7 @@ class IncrementalMachine(RuleBasedStateMachine):
         self.store = FlakyStore(Path(tempfile.mkdtemp(prefix="kyb-incremental-")))
         self.clock = Clock()
         self.seats_2x = 3
+        self.writes = WritesBehind()
         self.board = SeatBoard(
             build(self.seats_2x),
             Policy(),
@@ -78,6 +89,7 @@ class IncrementalMachine(RuleBasedStateMachine):
             release_grace_s=60,
             clock=self.clock,
             monotonic=self.clock,
+            write_behind=self.writes,
         )
         self.held: dict[tuple[str, str], Holder] = {}
         self.promised: dict[tuple[str, str], int] = {}
@@ -117,6 +129,12 @@ class IncrementalMachine(RuleBasedStateMachine):
     def reconcile(self) -> None:
         self.board.reconcile(self.held)  # type: ignore[arg-type]
 
+    @rule(fail=st.booleans())
+    def state_file_written_behind(self, fail: bool) -> None:
+        self.store.fail_next = fail
+        self.writes.land()
+        self.store.fail_next = False
+
     @rule(seconds=st.sampled_from([1.0, 61.0]))
     def time_passes(self, seconds: float) -> None:
         self.clock.now += seconds
@@ -151,11 +169,13 @@ class IncrementalMachine(RuleBasedStateMachine):
         assert kept == board._state_fields()
 
     @invariant()
-    def state_file_holds_every_binding_an_allocate_answered(self) -> None:
+    def a_restart_now_restores_every_binding_an_allocate_answered(self) -> None:
         # Only what an Allocate answered was promised, and only until it ended: a binding
         # adopted (or re-adopted) from PodResources is held by the kubelet already, and
-        # the next List adopts it again if a failed save lost it.
-        doc = json.loads(self.store.path.read_text())
+        # the next List adopts it again if a failed save lost it. What a restart loads:
+        # the state file with the journal's lines (those not yet written behind).
+        doc = StateStore(self.store.state_dir).load()
+        assert doc is not None
         for (resource, seat), generation in list(self.promised.items()):
             view = self.board.seat_views(resource).get(DeviceId(seat))
             if view is None or view.state != "held" or view.generation != generation:
@@ -187,13 +207,21 @@ def test_a_new_binding_keeps_the_device_lists_it_does_not_change(tmp_path: Path)
 def test_a_repeat_allocate_reaches_the_state_file_at_the_next_save(
     tmp_path: Path, clock: Clock
 ) -> None:
+    writes = WritesBehind()
     board = SeatBoard(
-        build(3), Policy(), StateStore(tmp_path), release_grace_s=60, clock=clock, monotonic=clock
+        build(3),
+        Policy(),
+        StateStore(tmp_path),
+        release_grace_s=60,
+        clock=clock,
+        monotonic=clock,
+        write_behind=writes,
     )
     board.allocate(R1, [["G0-s0"]])
     clock.now += 5
     board.allocate(R1, [["G0-s0"]])  # no save: nothing new to promise
     board.allocate(R1, [["G2-s0"]])
+    writes.land()
     doc = json.loads((tmp_path / "state.json").read_text())
     seat = doc["resources"][R1]["groups"]["G0"]["seats"][DeviceId("G0-s0")]
     assert seat["binding"]["allocatedAt"] == clock.now

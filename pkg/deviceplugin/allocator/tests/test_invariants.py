@@ -19,6 +19,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R1,
     R2,
     Clock,
+    WritesBehind,
     four_gpus_in_nvlink_pairs,
     model_examples,
 )
@@ -47,6 +48,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.seats_2x = 3
         self.overprovision = False
         self.ever_overprovisioned = False
+        self.writes = WritesBehind()
         self.board = self._open()
         self.pods: dict[tuple[str, str], str] = {}  # (resource, seat) -> pod
         self.seen_generation: dict[tuple[str, str], int] = {}
@@ -60,6 +62,7 @@ class LedgerMachine(RuleBasedStateMachine):
             release_grace_s=60,
             clock=self.clock,
             monotonic=self.clock,
+            write_behind=self.writes,
         )
 
     def _observed(self) -> dict[tuple[str, str], Holder]:
@@ -95,12 +98,18 @@ class LedgerMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: float) -> None:
         self.clock.now += seconds
 
+    @rule()
+    def state_file_written_behind(self) -> None:
+        self.writes.land()
+
     @rule(clean=st.booleans())
     def restart(self, clean: bool) -> None:
         if clean:
             self.board.close()
             self.board.flush()
-        # SIGKILL-like: nothing flushed beyond what every change already wrote.
+        # SIGKILL-like: nothing flushed beyond what every change already wrote (new
+        # bindings perhaps only to the journal: the writes behind them die too).
+        self.writes.drop()
         self.board = self._open()
 
     @rule(seats_2x=st.integers(1, 3), overprovision=st.booleans())

@@ -203,6 +203,8 @@ def real_state() -> bytes:
         board.allocate(R2, [["G01-s1"]])
         board.allocate(R1, [["G2-s1"]])
         board.allocate(R1, [["G3-s0"]])
+        board.close()
+        board.flush()
         return (Path(scratch) / "state.json").read_bytes()
 
 
