@@ -24,7 +24,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from bench import rpc
 from bench.node import REPO, RESOURCES, SEATS_PER_GROUP, seat_ids, short_tmpdir, topology_of
@@ -32,7 +33,7 @@ from bench.stats import percentile
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
 from pkg.deviceplugin.allocator.store import StateStore, encode_object
-from pkg.deviceplugin.types import ResourceName, group_size_of
+from pkg.deviceplugin.types import DeviceId, ResourceName, group_size_of
 
 FIXTURE = "nvswitch-16"
 
@@ -69,9 +70,12 @@ def _ms(work: Callable[[], object], repeat: int) -> float:
 
 
 class _NoWrite(StateStore):
-    """A state store whose durable write does nothing (everything before it runs)."""
+    """A state store whose durable writes do nothing (everything before them runs)."""
 
     def write(self, payload: str) -> None:
+        pass
+
+    def append(self, seats: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
         pass
 
 
@@ -138,16 +142,25 @@ def new_binding() -> None:
         def cpu(_: int) -> None:
             cpu_board.allocate(one_x, [[next(cpu_fresh)]], None)
 
+        # on stores of their own: the board's write behind uses its own
+        alone = StateStore(root / "alone")
+        line = [(one_x, seats[0], board._ledger.to_entry((one_x, DeviceId(seats[0]))))]
         split = rpc.interleaved(
-            {"new": new, "write": lambda _: store.write(payload), "cpu": cpu},
+            {
+                "new": new,
+                "write": lambda _: alone.write(payload),
+                "append": lambda _: alone.append(line),
+                "cpu": cpu,
+            },
             rounds=15,
             per_round=10,
             warmup=5,
         )
         for name, key in (
             ("allocate, new binding, all of it (p50)", "new"),
-            ("StateStore.write alone, same blocks (p50)", "write"),
-            ("allocate, new binding, StateStore.write a no-op: the board's CPU (p50)", "cpu"),
+            ("StateStore.append of its journal line alone, same blocks (p50)", "append"),
+            ("StateStore.write alone (the write behind), same blocks (p50)", "write"),
+            ("allocate, new binding, journal and write no-ops: the board's CPU (p50)", "cpu"),
         ):
             steps[name] = percentile(split[key], 50)
         print(f"==== one new binding, step by step ({len(payload) / 1e3:.0f} kB state file)")

@@ -329,17 +329,22 @@ def _allocate_latency(
     pod_resources.close()
     count = min(sizes.new_bindings, len(fresh) - 5)
     # The honest floor of a new binding, on the same file system as the plugin's state
-    # dir: the echo round trip and one durable write of a state file as big as the
-    # plugin's (through the plugin's own StateStore). A new binding asks no List.
+    # dir: the echo round trip and one durable journal line for one seat (through the
+    # plugin's own StateStore). A new binding asks no List. Next to it, the durable
+    # write of a state file as big as the plugin's: what the write behind costs.
     payload = node.state_file.read_text(encoding="utf-8")
     disk = StateStore(node.root / "floor")
+    line = [(str(ONE_X), fresh[0], _journal_entry(fresh[0]))]
 
     def write(_: int) -> None:
         disk.write(payload)
 
+    def append(_: int) -> None:
+        disk.append(line)
+
     def honest_floor(i: int) -> None:
         echo(i)
-        disk.write(payload)
+        disk.append(line)
 
     # new bindings and the others alternate in small blocks: each new binding fsyncs
     per_round = 10
@@ -348,6 +353,7 @@ def _allocate_latency(
             "echo": echo,
             "new": lambda i: _allocate(stub, fresh[i], generation=1),
             "write": write,
+            "append": append,
             "floor": honest_floor,
         },
         rounds=max(1, (count - 5) // per_round),
@@ -368,7 +374,7 @@ def _allocate_latency(
         per_round=seen_per_round,
         warmup=0,
     )
-    new_figure = "new binding (fsync'd state, no List)"
+    new_figure = "new binding (fdatasync'd journal line, no List)"
     rows += _latency_rows(
         section,
         node_name,
@@ -397,7 +403,7 @@ def _allocate_latency(
     rows += _latency_rows(
         section,
         node_name,
-        "honest floor (echo + state write)",
+        "honest floor (echo + journal line)",
         new_samples["floor"],
         new_samples["echo"],
         None,
@@ -406,13 +412,37 @@ def _allocate_latency(
     rows += _latency_rows(
         section,
         node_name,
-        f"durable state write ({len(payload) / 1e3:.0f} kB, StateStore.write)",
+        "durable journal line (StateStore.append)",
+        new_samples["append"],
+        new_samples["echo"],
+        None,
+        None,
+    )
+    rows += _latency_rows(
+        section,
+        node_name,
+        f"durable state write ({len(payload) / 1e3:.0f} kB, StateStore.write, behind)",
         new_samples["write"],
         new_samples["echo"],
         None,
         None,
     )
+    disk.close()
     return rows
+
+
+def _journal_entry(seat: str) -> dict[str, object]:
+    """A journal line's seat entry as the ledger writes one for a fresh binding."""
+    return {
+        "generation": 1,
+        "binding": {
+            "generation": 1,
+            "allocatedAt": time.time(),
+            "group": seat.split("-s")[0],
+            "gpus": [0, 1],
+            "holder": None,
+        },
+    }
 
 
 def _floor_rows(
