@@ -75,6 +75,9 @@ class RealBackend:
         self._lock = threading.Lock()
         self._initialized = False
         self._failing: dict[int, str] = {}
+        # Each GPU's NVML index by UUID, as discovery last found it (a GPU lost since keeps
+        # its entry: NVML indices hold while the driver is loaded).
+        self._index_of: dict[str, int] = {}
         self._closed = threading.Event()
         # Waiting holds the events lock so that close() never frees a set in use.
         self._events_lock = threading.Lock()
@@ -198,6 +201,7 @@ class RealBackend:
         with self._lock:
             changed = failing.keys() != self._failing.keys()
             self._failing = failing
+            self._index_of.update((d.gpu.uuid, d.gpu.index) for d in devices)
         if changed:
             for index, reason in failing.items():
                 log.warning("leaving GPU %d out of discovery: %s", index, reason)
@@ -310,13 +314,44 @@ class RealBackend:
         nvml = self._nvml
         try:
             self._ensure_init()
-            handle = self._call("lookup", nvml.nvmlDeviceGetHandleByUUID, uuid)
+            handle = self._handle_of(uuid)
             self._optional("memory info", nvml.nvmlDeviceGetMemoryInfo, handle)
         except (NvmlError, _Unsupported) as exc:
             if self._closed.is_set():
                 raise
             return Probe(uuid, ok=False, reason=str(exc).removeprefix("NVML "))
         return Probe(uuid, ok=True)
+
+    def _handle_of(self, uuid: str) -> object:
+        """The handle of the GPU with ``uuid``, looked up by index and checked by UUID.
+
+        Not ``nvmlDeviceGetHandleByUUID``: it fails with GPU_IS_LOST for every GPU while
+        any one has fallen off the bus (nvml.h), so one lost GPU would fail them all.
+        """
+        nvml = self._nvml
+        with self._lock:
+            known = self._index_of.get(uuid)
+        candidates = [known] if known is not None else []
+        count = self._required("device count", nvml.nvmlDeviceGetCount)
+        candidates += [index for index in range(count) if index != known]
+        silent: list[str] = []
+        for index in candidates:
+            try:
+                handle = self._required(
+                    f"GPU {index} handle", nvml.nvmlDeviceGetHandleByIndex, index
+                )
+                found = _text(self._required(f"GPU {index} UUID", nvml.nvmlDeviceGetUUID, handle))
+            except NvmlError as exc:
+                if index == known:
+                    raise  # the GPU that had this UUID does not answer: that is the verdict
+                silent.append(str(exc).removeprefix("NVML "))
+                continue
+            if found == uuid:
+                with self._lock:
+                    self._index_of[uuid] = index
+                return handle
+        why = "".join(f"; {reason}" for reason in silent)
+        raise NvmlError(f"NVML lookup: no GPU with UUID {uuid} answers{why}")
 
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
         with self._events_lock:

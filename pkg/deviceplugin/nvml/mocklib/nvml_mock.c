@@ -193,8 +193,12 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned index, nvmlDevice_t *device)
     return NVML_SUCCESS;
 }
 
+/* nvml.h: NVML_ERROR_GPU_IS_LOST "if any GPU has fallen off the bus or is otherwise
+ * inaccessible": one lost GPU fails every lookup by UUID. */
 nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device) {
     if (!refcount) return NVML_ERROR_UNINITIALIZED;
+    for (int i = 0; i < ngpus; i++)
+        if (is_lost(&gpus[i])) return NVML_ERROR_GPU_IS_LOST;
     for (int i = 0; i < ngpus; i++) {
         if (strcmp(gpus[i].uuid, uuid) == 0) {
             CHECK_DEVICE(&gpus[i]);

@@ -127,6 +127,9 @@ class FakeNvml:
         return Handle(index)
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> Handle:
+        # nvml.h: NVML_ERROR_GPU_IS_LOST "if any GPU has fallen off the bus"
+        if self.lost:
+            raise error(pynvml.NVML_ERROR_GPU_IS_LOST)
         for gpu in self.topo.gpus:
             if gpu.uuid == uuid:
                 return self.nvmlDeviceGetHandleByIndex(gpu.index)

@@ -100,9 +100,11 @@ def test_old_pynvml_bytes_become_text(make_fake: MakeFake, sysfs: Path) -> None:
     assert backend(fake, sysfs).discover() == fake.topo
 
 
-def test_a_lost_gpu_is_left_out_of_discovery_and_fails_its_probe(
+def test_a_lost_gpu_is_left_out_of_discovery_and_fails_its_probe_alone(
     make_fake: MakeFake, sysfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # While one GPU is off the bus, NVML fails every lookup by UUID (the fake does as
+    # nvml.h says): the others' probes must still pass.
     fake = make_fake("flaky-4", lost={2})
     real = backend(fake, sysfs)
     topo = real.discover()
@@ -112,13 +114,32 @@ def test_a_lost_gpu_is_left_out_of_discovery_and_fails_its_probe(
     real.discover()
     assert "leaving GPU" not in caplog.text  # logged when it changes, not every refresh
     probe = real.probe(fake.topo.gpu(2).uuid)
-    assert (probe.ok, probe.reason) == (False, "lookup: GPU is lost")
-    assert real.probe(fake.topo.gpu(1).uuid).ok
+    # discovery never saw it (the topology cache brings such a GPU back at a restart)
+    uuid = fake.topo.gpu(2).uuid
+    assert (probe.ok, probe.reason) == (
+        False,
+        f"lookup: no GPU with UUID {uuid} answers; GPU 2 handle: GPU is lost",
+    )
+    assert all(real.probe(fake.topo.gpu(i).uuid).ok for i in (0, 1, 3))
+    fake.lost.clear()
+    assert real.probe(uuid).ok
+
+
+def test_a_gpu_lost_after_discovery_fails_by_its_own_index_and_no_other(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("flaky-4")
+    real = backend(fake, sysfs)
+    real.discover()
+    fake.lost.add(2)
+    probes = [real.probe(gpu.uuid) for gpu in fake.topo.gpus]
+    assert [p.ok for p in probes] == [True, True, False, True]
+    assert probes[2].reason == "GPU 2 handle: GPU is lost"
 
 
 def test_probing_an_unknown_uuid_reports_not_found(make_fake: MakeFake, sysfs: Path) -> None:
     probe = backend(make_fake("single-gpu"), sysfs).probe("GPU-nope")
-    assert (probe.ok, probe.reason) == (False, "lookup: Not Found")
+    assert (probe.ok, probe.reason) == (False, "lookup: no GPU with UUID GPU-nope answers")
 
 
 def test_nvml_that_cannot_start_is_one_readable_error_and_probes_fail_softly(
