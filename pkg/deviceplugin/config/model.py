@@ -192,6 +192,12 @@ class GroupSpec(_Model):
         return len(self.gpus)
 
 
+DEFAULT_IGNORED_XIDS = (13, 31, 43, 45, 68, 109)
+"""Application-level XIDs NVIDIA's device plugin ignores too: the application's own
+faults (13 graphics exception, 31 memory page fault, 43 stopped channel, 45 preemptive
+cleanup, 68 video decoder exception, 109 context switch timeout), not the GPU's."""
+
+
 class Config(_Model):
     """The whole plugin configuration (``config.yaml``, after flag and env overrides).
 
@@ -229,8 +235,11 @@ class Config(_Model):
     """How often each GPU is probed for health (e.g. 1s); a lost GPU shows within one interval."""
     healthy_after_probes: Annotated[StrictInt, Field(ge=1)] = 3
     """Consecutive good probes before a failed GPU counts as healthy again."""
-    ignored_xids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = (13, 31, 43, 45, 68, 109)
-    """Application-level XID events that do not mark a GPU unhealthy (comma-separated)."""
+    ignored_xids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = DEFAULT_IGNORED_XIDS
+    """Application-level XID events that do not mark a GPU unhealthy (comma-separated).
+    Setting it replaces the defaults; to add to them, use extraIgnoredXids."""
+    extra_ignored_xids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = ()
+    """XID events ignored on top of ignoredXids (comma-separated), e.g. 94."""
     xid_recovery: Literal["probes", "never"] = "probes"
     """Whether a GPU marked by a critical XID comes back once its probes pass (probes)
     or only after a plugin restart (never)."""
@@ -299,6 +308,17 @@ class Config(_Model):
     @property
     def resources(self) -> tuple[ResourceName, ...]:
         return tuple(p.resource for p in self.profiles)
+
+    @property
+    def all_ignored_xids(self) -> frozenset[int]:
+        """Every XID the health monitor ignores: ignoredXids and extraIgnoredXids."""
+        return frozenset((*self.ignored_xids, *self.extra_ignored_xids))
+
+    @property
+    def dropped_default_xids(self) -> tuple[int, ...]:
+        """The default-ignored XIDs that this config's ignoredXids leaves out (and
+        extraIgnoredXids does not add back): they now mark a GPU unhealthy."""
+        return tuple(x for x in DEFAULT_IGNORED_XIDS if x not in self.all_ignored_xids)
 
     def profile(self, resource: ResourceName | str) -> Profile | None:
         return next((p for p in self.profiles if p.resource == resource), None)

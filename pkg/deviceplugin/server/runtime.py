@@ -181,6 +181,7 @@ class Runtime:
             self.board.set_unhealthy,
             **self._health_policy(config),
         )
+        _warn_dropped_xids(config)
         self.metrics: metrics.Recorder = (
             metrics.Metrics(status=self.board.status, gpu_health=self.health.gpu_health)
             if config.metrics_address
@@ -248,6 +249,8 @@ class Runtime:
                 log.warning("config key %s changed; it takes effect after a restart", key)
             self.board.set_windows(new.release_grace_period, new.handoff_window)
             self.health.reconfigure(**self._health_policy(new))
+            if new.dropped_default_xids != self.config.dropped_default_xids:
+                _warn_dropped_xids(new)
             self.config = new
             self.manager.sync()
             log.info(
@@ -310,7 +313,7 @@ class Runtime:
         return {
             "probe_interval_s": config.health_probe_interval,
             "healthy_after": config.healthy_after_probes,
-            "ignored_xids": config.ignored_xids,
+            "ignored_xids": config.all_ignored_xids,
             "xid_recovery": config.xid_recovery,
         }
 
@@ -371,3 +374,13 @@ class Runtime:
         if self._metrics_server is not None:
             self._metrics_server.stop()
         log.info("stopped; sockets removed and seat ledger flushed")
+
+
+def _warn_dropped_xids(config: Config) -> None:
+    dropped = config.dropped_default_xids
+    if dropped:
+        log.warning(
+            "ignoredXids replaces the default list and leaves out XIDs %s, which now mark "
+            "a GPU unhealthy; to add XIDs to the defaults, set extraIgnoredXids instead",
+            ", ".join(map(str, dropped)),
+        )

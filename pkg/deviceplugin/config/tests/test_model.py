@@ -39,6 +39,7 @@ def test_defaults_match_the_spec() -> None:
     assert (config.release_grace_period, config.health_probe_interval) == (60.0, 1.0)
     assert config.healthy_after_probes == 3
     assert config.ignored_xids == (13, 31, 43, 45, 68, 109)
+    assert config.extra_ignored_xids == ()
     assert config.xid_recovery == "probes"
     assert config.kubelet_dir == Path("/var/lib/kubelet/device-plugins")
     assert config.pod_resources_socket == Path("/var/lib/kubelet/pod-resources/kubelet.sock")
@@ -113,3 +114,15 @@ def test_lookup_helpers() -> None:
     profile = config.profile("kyb.ai/gpu-2x-seat")
     assert profile is not None and profile.seats_per_group == 3
     assert config.profile("kyb.ai/gpu-4x-seat") is None
+
+
+def test_extra_ignored_xids_add_to_the_defaults_and_ignored_xids_replaces_them() -> None:
+    seed = builtin_default().to_data()
+    added = Config.model_validate({**seed, "extraIgnoredXids": [94]})
+    assert added.all_ignored_xids == {13, 31, 43, 45, 68, 109, 94}
+    assert added.dropped_default_xids == ()
+    replaced = Config.model_validate({**seed, "ignoredXids": [94, 13]})
+    assert replaced.all_ignored_xids == {94, 13}
+    assert replaced.dropped_default_xids == (31, 43, 45, 68, 109)
+    both = Config.model_validate({**seed, "ignoredXids": [13], "extraIgnoredXids": [31, 43]})
+    assert both.dropped_default_xids == (45, 68, 109)

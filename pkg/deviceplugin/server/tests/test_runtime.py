@@ -15,6 +15,7 @@ from pkg.deviceplugin import logs
 from pkg.deviceplugin.allocator.layout import LayoutError
 from pkg.deviceplugin.allocator.tests.support import four_gpus_in_nvlink_pairs
 from pkg.deviceplugin.nvml import fixtures
+from pkg.deviceplugin.nvml.backend import XidEvent
 from pkg.deviceplugin.nvml.mock import MockBackend
 from pkg.deviceplugin.nvml.topofile import load_topology_file
 from pkg.deviceplugin.server.runtime import ConfigSource, Runtime, merge_topology
@@ -67,6 +68,36 @@ def test_a_reload_names_the_keys_that_wait_for_a_restart_as_the_file_spells_them
         "config key stateDir changed; it takes effect after a restart",
         "config key metricsAddress changed; it takes effect after a restart",
     ]
+
+
+def test_ignored_xids_that_drop_a_default_are_warned_about_at_start_and_reload(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Setting ignoredXids: [94] once silently un-ignored the application XIDs 13, 31, ...
+    config = root / "config.yaml"
+    config.write_text(base(root) + "ignoredXids: [94, 13]\n")
+    overrides = {"kubeletDir": str(root / "dp"), "podResourcesSocket": str(root / "pr.sock")}
+    source = ConfigSource(config, overrides)
+    with caplog.at_level(logging.WARNING):
+        rt = Runtime(source.load(), MockBackend.from_name_or_path("pcie-2numa-4"), source=source)
+    try:
+        warned = [r.getMessage() for r in caplog.records if "ignoredXids" in r.getMessage()]
+        assert warned == [
+            "ignoredXids replaces the default list and leaves out XIDs 31, 43, 45, 68, 109, "
+            "which now mark a GPU unhealthy; to add XIDs to the defaults, set "
+            "extraIgnoredXids instead"
+        ]
+        gpu0, gpu1 = (gpu.uuid for gpu in rt.topology.gpus[:2])
+        rt.health.handle_events([XidEvent(gpu0, 94), XidEvent(gpu1, 31)])
+        assert set(rt.health.unhealthy()) == {gpu1}  # 31 is no longer ignored
+        caplog.clear()
+        config.write_text(base(root) + "extraIgnoredXids: [94]\n")
+        assert rt.reload()
+        assert not [r for r in caplog.records if "ignoredXids" in r.getMessage()]
+        rt.health.handle_events([XidEvent(gpu0, 94), XidEvent(gpu0, 13)])
+        assert set(rt.health.unhealthy()) == {gpu1}  # the defaults and 94: all ignored
+    finally:
+        rt.stop()
 
 
 def test_a_reload_switches_the_log_format_and_a_rejected_reload_keeps_it(
