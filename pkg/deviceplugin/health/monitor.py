@@ -201,8 +201,18 @@ class HealthMonitor:
                         extra={"gpu": self._gpu_key(event.uuid)},
                     )
                     continue
+                if not event.uuid:
+                    self._suspect_all_locked(gpus, event.xid)
+                    continue
                 self._mark_locked(event.uuid, f"critical XID {event.xid}", by_xid=True)
             self._publish_locked()
+
+    def _suspect_all_locked(self, gpus: Iterable[Gpu], xid: int) -> None:
+        """A critical XID from a GPU NVML cannot name: none can be vouched for until its
+        probes pass (a phantom GPU "" would be marked, and probed, forever instead)."""
+        reason = f"critical XID {xid} on a GPU NVML could not name"
+        for gpu in gpus:
+            self._mark_locked(gpu.uuid, reason, by_xid=False)
 
     # ---- threads -----------------------------------------------------------------
 

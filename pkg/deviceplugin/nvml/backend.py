@@ -19,7 +19,8 @@ class NvmlError(Exception):
 
 @dataclass(frozen=True)
 class XidEvent:
-    """A critical-error event NVML reported for one GPU."""
+    """A critical-error event NVML reported for one GPU; ``uuid`` is "" when NVML could
+    not say which GPU (every GPU is then suspect)."""
 
     uuid: str
     xid: int

@@ -8,6 +8,7 @@ best source (logged at debug level); only errors that leave discovery meaningles
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -87,6 +88,7 @@ class RealBackend:
         # before the first) and how many GPUs are registered; see _ensure_event_set.
         self._unwatched: dict[int, str] = {}
         self._watched = 0
+        self._watched_handles: dict[object, int] = {}  # _handle_key -> index
         self._unsupported_errors = tuple(
             cls
             for cls in (
@@ -381,12 +383,17 @@ class RealBackend:
             raise NvmlError(f"NVML event wait: {exc}") from exc
 
     def _event_uuid(self, handle: object) -> str:
+        """The UUID of an event's GPU: asked of NVML, else (a GPU that just fell off the
+        bus answers nothing) known from the handle it was registered with; "" when
+        neither tells (the monitor then suspects every GPU, see ``XidEvent``)."""
         try:
             return _text(self._nvml.nvmlDeviceGetUUID(handle))
         except self._error as exc:
-            # The event still matters; the health monitor maps unknown UUIDs itself.
-            log.debug("no UUID for an XID event's device: %s", exc)
-            return ""
+            index = self._watched_handles.get(_handle_key(handle))
+            with self._lock:
+                uuid = next((u for u, i in self._index_of.items() if i == index), "")
+            log.debug("no UUID from NVML for an XID event's GPU (%s); by its handle: %r", exc, uuid)
+            return uuid
 
     def _ensure_event_set(self) -> object | None:
         """The event set, with every GPU that answers registered for critical XIDs.
@@ -447,6 +454,7 @@ class RealBackend:
                 continue
             del self._unwatched[index]
             self._watched += 1
+            self._watched_handles[_handle_key(handle)] = index
             if failing:
                 log.info(
                     "watching XID events of GPU %d now that it answers", index, extra={"gpu": index}
@@ -487,3 +495,13 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return str(value)
+
+
+def _handle_key(handle: object) -> object:
+    """What identifies a device handle: the address a ctypes ``nvmlDevice_t`` points to
+    (NVML hands out one per device; pynvml wraps it in a new object each time), or the
+    handle itself where it is not a pointer."""
+    try:
+        return ctypes.cast(handle, ctypes.c_void_p).value  # type: ignore[arg-type]
+    except (TypeError, ctypes.ArgumentError):
+        return handle

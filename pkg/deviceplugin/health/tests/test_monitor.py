@@ -238,6 +238,22 @@ def test_an_xid_on_a_gpu_already_lost_restarts_its_recovery(tmp_path: Path) -> N
     assert rig.monitor.unhealthy() == {}
 
 
+@pytest.mark.parametrize("recovery", ["probes", "never"])
+def test_an_xid_nvml_cannot_name_makes_every_gpu_suspect_until_its_probes_pass(
+    tmp_path: Path, recovery: XidRecovery
+) -> None:
+    # Before, it became a phantom GPU "" marked and probed forever, every real GPU Healthy.
+    rig = make_rig(two_gpu_file(tmp_path, "  []\n"), healthy_after=2, xid_recovery=recovery)
+    rig.monitor.handle_events([XidEvent("", 79)])
+    reason = "critical XID 79 on a GPU NVML could not name"
+    assert rig.monitor.unhealthy() == {UUIDS[0]: reason, UUIDS[1]: reason}
+    assert "" not in rig.monitor.unhealthy()
+    rig.monitor.probe_once()
+    assert set(rig.monitor.unhealthy()) == set(UUIDS)
+    rig.monitor.probe_once()
+    assert rig.monitor.unhealthy() == {}
+
+
 def test_a_gpu_the_backend_does_not_know_is_unhealthy(tmp_path: Path) -> None:
     clock = FakeClock()
     backend = MockBackend(load_topology_file(two_gpu_file(tmp_path, "  []\n")), clock=clock)

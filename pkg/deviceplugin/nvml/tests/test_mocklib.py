@@ -41,7 +41,7 @@ def serve(
 
     def start(name: str, time_scale: float = 1.0) -> RealBackend:
         data = mocklib.write_data(
-            load_topology_file(fixtures.fixture_path(name)), tmp_path / f"{name}.txt", time_scale
+            load_topology_file(fixtures.resolve(name)), tmp_path / "nvml-mock.txt", time_scale
         )
         monkeypatch.setenv(mocklib.ENV_VAR, str(data))
         backend = RealBackend(pynvml, sysfs_root=tmp_path / "no-sysfs")
@@ -95,3 +95,26 @@ def test_nvml_init_without_a_topology_file_is_one_readable_error(
     monkeypatch.delenv(mocklib.ENV_VAR, raising=False)
     with pytest.raises(NvmlError, match=r"^NVML init: Unknown Error$"):
         RealBackend(pynvml).discover()
+
+
+def test_an_xid_from_a_gpu_that_just_fell_off_the_bus_names_it_by_its_handle(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # NVML delivers the event, but the lost GPU answers no UUID query: the handle it was
+    # registered with (a ctypes pointer, a new object per call) still says which it is.
+    source = tmp_path / "two.yaml"
+    source.write_text(
+        "version: v1\ngpus:\n"
+        + "".join(
+            f"  - {{index: {i}, uuid: GPU-{i}0000000-0000-0000-0000-000000000000, "
+            f'name: Tesla T4, memoryMiB: 15360, pciBusId: "00000000:0{i}:00.0", minor: {i}, '
+            "numaNode: 0}\n"
+            for i in range(2)
+        )
+        + "links:\n  - [X, PHB]\n  - [PHB, X]\n"
+        + "faults:\n  - {gpu: 1, at: 0.3, kind: lost}\n  - {gpu: 1, at: 0.4, kind: xid, xid: 79}\n"
+    )
+    real = serve(str(source))
+    assert real.discover().indices == (0, 1)
+    assert real.wait_xid_events(0.05) == []  # registers both GPUs
+    assert real.wait_xid_events(3.0) == [XidEvent("GPU-10000000-0000-0000-0000-000000000000", 79)]

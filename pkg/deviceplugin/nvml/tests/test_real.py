@@ -191,6 +191,23 @@ def test_xid_events_are_reported_with_the_gpus_uuid(make_fake: MakeFake, sysfs: 
     assert fake.freed == 1
 
 
+def test_an_xid_from_a_lost_gpu_is_named_by_its_handle_or_by_nobody(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("flaky-4", lost={3})
+    real = backend(fake, sysfs)
+    real.discover()
+    assert real.wait_xid_events(0.01) == []  # GPUs 0, 1, 2 registered; 3 does not answer
+    fake.lost.add(2)
+    fake.push_xid(2, 79)
+    fake.push_xid(3, 48)
+    # GPU 2 was registered: its handle names it; GPU 3's cannot: "" (never a made-up GPU)
+    assert real.wait_xid_events(0.01) == [
+        XidEvent(fake.topo.gpu(2).uuid, 79),
+        XidEvent("", 48),
+    ]
+
+
 def test_a_gpu_lost_when_events_are_set_up_leaves_the_others_watched_until_it_answers(
     make_fake: MakeFake, sysfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
