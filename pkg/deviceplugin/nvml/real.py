@@ -76,6 +76,7 @@ class RealBackend:
         self._lock = threading.Lock()
         self._initialized = False
         self._failing: dict[int, str] = {}
+        self._problems: list[str] = []
         # Each GPU's NVML index by UUID, as discovery last found it (a GPU lost since keeps
         # its entry: NVML indices hold while the driver is loaded).
         self._index_of: dict[str, int] = {}
@@ -142,9 +143,15 @@ class RealBackend:
         gpu_by_bus = {d.gpu.pci_bus_id: d.gpu.index for d in devices}
         direct: dict[tuple[int, int], int] = {}
         to_switch: dict[int, int] = {}
+        # What NVML could not tell (documented NVML_ERROR_UNKNOWN, a far end it cannot
+        # name): those pairs degrade to nvidia-smi, then the NUMA guess; one warning.
+        problems: list[str] = []
+        unidentified: set[int] = set()  # GPUs with an active NVLink to an unknown far end
         for d in devices:
-            for remote_index, is_switch in self._nvlinks(d, gpu_by_bus):
-                if is_switch:
+            for remote_index, is_switch in self._nvlinks(d, gpu_by_bus, problems):
+                if remote_index is None and not is_switch:
+                    unidentified.add(d.gpu.index)
+                elif is_switch:
                     to_switch[d.gpu.index] = to_switch.get(d.gpu.index, 0) + 1
                 elif remote_index is not None and remote_index != d.gpu.index:
                     pair = (d.gpu.index, remote_index)
@@ -163,14 +170,31 @@ class RealBackend:
                 if nvlinks:
                     links[ia, ib] = Link(LinkKind.NVLINK, nvlinks)
                     continue
-                pcie = self._pcie_link(a, b)
+                pcie = self._pcie_link(a, b, problems)
+                if pcie is None or ia in unidentified or ib in unidentified:
+                    unanswered.append((ia, ib))  # an NVLink NVML cannot place may join them
                 if pcie is None:
-                    unanswered.append((ia, ib))
                     pcie = self._numa_guess(a, b)
                 links[ia, ib] = pcie
         if unanswered:
             links.update(self._from_smi(unanswered))
+        self._report_problems(problems)
         return Topology(tuple(d.gpu for d in devices), links)
+
+    def _report_problems(self, problems: list[str]) -> None:
+        """One warning when what NVML could not tell changed since the last discovery."""
+        with self._lock:
+            changed = problems != self._problems
+            self._problems = problems
+        if changed and problems:
+            shown = "; ".join(problems[:4]) + (
+                f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+            )
+            log.warning(
+                "NVML could not place every GPU pair (%s); those pairs take nvidia-smi topo "
+                "-m, else the NUMA nodes",
+                shown,
+            )
 
     def _from_smi(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], Link]:
         """The ``nvidia-smi topo -m`` words for pairs NVML could not place."""
@@ -250,9 +274,10 @@ class RealBackend:
             return None
 
     def _nvlinks(
-        self, device: _Device, gpu_by_bus: dict[str, int]
+        self, device: _Device, gpu_by_bus: dict[str, int], problems: list[str]
     ) -> list[tuple[int | None, bool]]:
-        """Each active NVLink of ``device``: (remote GPU index or None, remote is a switch)."""
+        """Each active NVLink of ``device``: (remote GPU index or None, remote is a
+        switch); (None, False) for a far end NVML cannot name (noted in ``problems``)."""
         nvml = self._nvml
         what = f"GPU {device.gpu.index} NVLink"
         found: list[tuple[int | None, bool]] = []
@@ -268,15 +293,23 @@ class RealBackend:
                 continue
             if not active:
                 continue
-            pci = self._optional(
-                f"{what} {link} remote PCI info",
-                nvml.nvmlDeviceGetNvLinkRemotePciInfo,
-                device.handle,
-                link,
-            )
-            if pci is None:
+            try:
+                pci = self._optional(
+                    f"{what} {link} remote PCI info",
+                    nvml.nvmlDeviceGetNvLinkRemotePciInfo,
+                    device.handle,
+                    link,
+                )
+                if pci is None:
+                    continue
+                remote_bus = normalize_pci_bus_id(_text(pci.busId))
+            except (NvmlError, ValueError) as exc:
+                # NVML_ERROR_UNKNOWN is documented here; a VM may show a bus ID of nothing
+                problems.append(
+                    f"{what} {link}: far end unknown ({str(exc).removeprefix('NVML ')})"
+                )
+                found.append((None, False))
                 continue
-            remote_bus = normalize_pci_bus_id(_text(pci.busId))
             remote_index = gpu_by_bus.get(remote_bus)
             type_query = getattr(nvml, "nvmlDeviceGetNvLinkRemoteDeviceType", None)
             remote_type = (
@@ -288,18 +321,24 @@ class RealBackend:
                 # Old drivers cannot say; the far end of a GPU link is a GPU we enumerated.
                 found.append((remote_index, remote_index is None))
             elif remote_type == _REMOTE_GPU:
+                if remote_index is None:  # a GPU, but none of ours has that bus ID (VMs)
+                    problems.append(f"{what} {link}: far end {remote_bus} is no GPU here")
                 found.append((remote_index, False))
             elif remote_type == _REMOTE_SWITCH:
                 found.append((None, True))
         return found
 
-    def _pcie_link(self, a: _Device, b: _Device) -> Link | None:
-        level = self._optional(
-            f"GPUs {a.gpu.index} and {b.gpu.index} common ancestor",
-            self._nvml.nvmlDeviceGetTopologyCommonAncestor,
-            a.handle,
-            b.handle,
-        )
+    def _pcie_link(self, a: _Device, b: _Device, problems: list[str]) -> Link | None:
+        try:
+            level = self._optional(
+                f"GPUs {a.gpu.index} and {b.gpu.index} common ancestor",
+                self._nvml.nvmlDeviceGetTopologyCommonAncestor,
+                a.handle,
+                b.handle,
+            )
+        except NvmlError as exc:  # NVML_ERROR_UNKNOWN: "error in underlying topology discovery"
+            problems.append(str(exc).removeprefix("NVML "))
+            return None
         if level is None:
             return None
         return Link(_ANCESTOR_LINKS.get(int(level), LinkKind.SYS))

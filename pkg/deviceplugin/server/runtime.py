@@ -36,7 +36,7 @@ from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.health.monitor import HealthMonitor
-from pkg.deviceplugin.nvml.backend import Backend, NvmlError
+from pkg.deviceplugin.nvml.backend import Backend
 from pkg.deviceplugin.server import topocache
 from pkg.deviceplugin.server.manager import PluginManager
 from pkg.deviceplugin.server.podresources import PodResourcesClient
@@ -288,8 +288,9 @@ class Runtime:
     def refresh_topology(self) -> None:
         try:
             fresh = self.backend.discover()
-        except NvmlError as exc:
+        except Exception as exc:  # NvmlError, or anything a driver's answer breaks
             log.warning("topology refresh failed (%s); keeping the cached topology", exc)
+            log.debug("topology refresh failure", exc_info=True)
             return
         with self._reload_lock:
             merged, added = merge_topology(self.topology, fresh)

@@ -7,8 +7,10 @@
  * The file is named by $KYB_NVML_MOCK_TOPOLOGY and read at nvmlInit; times in it are
  * milliseconds after that nvmlInit. One line per fact:
  *   gpu <minor> <numa|-1> <memoryMiB> <busId> <uuid> <lostAtMs|-1> <backAtMs|-1> <name...>
- *   level <a> <b> <nvmlGpuTopologyLevel_t>
- *   port <gpu> <remoteType> <remoteBusId>          (one active NVLink)
+ *   level <a> <b> <nvmlGpuTopologyLevel_t|unknown>
+ *   port <gpu> <remoteType> <remoteBusId|unknown>  (one active NVLink)
+ * "unknown" makes that query return NVML_ERROR_UNKNOWN, which nvml.h documents for both
+ * ("an error has occurred in underlying topology discovery").
  *   xid <gpu> <atMs> <xid>
  */
 #include <pthread.h>
@@ -35,6 +37,7 @@ enum {
 #define MAX_XIDS 256
 #define TEXT 96
 #define XID_CRITICAL_ERROR 0x8ULL
+#define LEVEL_UNKNOWN 0xFFFFFFFFu
 
 typedef struct {
     unsigned minor;
@@ -108,7 +111,10 @@ static int load(const char *path) {
                 snprintf(g->name, TEXT, "%s", line + n);
                 ngpus++;
             }
-        } else if (sscanf(line, "level %d %d %u", &a, &b, &u) == 3 && a < MAX_GPUS && b < MAX_GPUS) {
+        } else if (sscanf(line, "level %d %d %n", &a, &b, &n) == 2 && a >= 0 && b >= 0 &&
+                   a < MAX_GPUS && b < MAX_GPUS) {
+            if (strcmp(line + n, "unknown") == 0) u = LEVEL_UNKNOWN;
+            else if (sscanf(line + n, "%u", &u) != 1) continue;
             levels[a][b] = levels[b][a] = u;
         } else if (sscanf(line, "port %d %u %31s", &a, &u, bus) == 3 && a < ngpus &&
                    gpus[a].nports < MAX_PORTS) {
@@ -257,6 +263,7 @@ nvmlReturn_t nvmlDeviceGetNumaNodeId(nvmlDevice_t d, unsigned *node) {
 nvmlReturn_t nvmlDeviceGetTopologyCommonAncestor(nvmlDevice_t a, nvmlDevice_t b, unsigned *level) {
     CHECK_DEVICE(a);
     CHECK_DEVICE(b);
+    if (levels[a - gpus][b - gpus] == LEVEL_UNKNOWN) return NVML_ERROR_UNKNOWN;
     *level = levels[a - gpus][b - gpus];
     return NVML_SUCCESS;
 }
@@ -276,8 +283,10 @@ nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t d, unsigned link, unsigned *a
 
 nvmlReturn_t nvmlDeviceGetNvLinkRemotePciInfo_v2(nvmlDevice_t d, unsigned link, nvmlPciInfo_t *pci) {
     nvmlReturn_t ret = check_link(d, link);
-    if (ret == NVML_SUCCESS) fill_pci(pci, d->port_bus[link]);
-    return ret;
+    if (ret != NVML_SUCCESS) return ret;
+    if (strcmp(d->port_bus[link], "unknown") == 0) return NVML_ERROR_UNKNOWN;
+    fill_pci(pci, d->port_bus[link]);
+    return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlDeviceGetNvLinkRemoteDeviceType(nvmlDevice_t d, unsigned link, unsigned *type) {

@@ -57,13 +57,17 @@ def error(code: int) -> pynvml.NVMLError:
 
 @dataclass
 class FakeNvml:
-    """Knobs: ``unsupported``/``missing`` function names, ``lost`` GPU indices, ``as_bytes``
-    (pynvml < 11.5 returned bytes), ``events`` queued for the event set."""
+    """Knobs: ``unsupported``/``missing`` function names, ``failing`` function names with
+    the NVML error each returns, ``lost`` GPU indices, ``as_bytes`` (pynvml < 11.5
+    returned bytes), ``events`` queued for the event set, ``remote_bus`` what every
+    NVLink's far end answers as its bus ID (as in a VM)."""
 
     tf: TopologyFile
     unsupported: set[str] = field(default_factory=set)
     missing: set[str] = field(default_factory=set)
     lost: set[int] = field(default_factory=set)
+    failing: dict[str, int] = field(default_factory=dict)
+    remote_bus: str | None = None
     as_bytes: bool = False
     init_error: int | None = None
     events: deque[tuple[int, int, int]] = field(default_factory=deque)
@@ -96,6 +100,8 @@ class FakeNvml:
                 raise error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
             if name in self.unsupported:
                 raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            if name in self.failing:
+                raise error(self.failing[name])
             if name not in ("nvmlInit", "nvmlShutdown") and self.inits <= self.shutdowns:
                 raise error(pynvml.NVML_ERROR_UNINITIALIZED)
             for arg in args:
@@ -171,7 +177,8 @@ class FakeNvml:
         return 1
 
     def nvmlDeviceGetNvLinkRemotePciInfo(self, h: Handle, link: int) -> Pci:
-        return Pci(self._port(h, link).remote_bus_id.encode())
+        bus = self._port(h, link).remote_bus_id if self.remote_bus is None else self.remote_bus
+        return Pci(bus.encode())
 
     def nvmlDeviceGetNvLinkRemoteDeviceType(self, h: Handle, link: int) -> int:
         port = self._port(h, link)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -118,3 +119,21 @@ def test_an_xid_from_a_gpu_that_just_fell_off_the_bus_names_it_by_its_handle(
     assert real.discover().indices == (0, 1)
     assert real.wait_xid_events(0.05) == []  # registers both GPUs
     assert real.wait_xid_events(3.0) == [XidEvent("GPU-10000000-0000-0000-0000-000000000000", 79)]
+
+
+def test_documented_unknown_errors_of_topology_queries_do_not_stop_discovery(
+    serve: Serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = serve("dgx1-v100")
+    data = tmp_path / "nvml-mock.txt"  # read at nvmlInit, the first discovery's
+    lines = data.read_text().splitlines()
+    unknown_level = next(i for i, line in enumerate(lines) if line.startswith("level 0 7 "))
+    lines[unknown_level] = " ".join([*lines[unknown_level].split()[:3], "unknown"])
+    unknown_port = next(i for i, line in enumerate(lines) if line.startswith("port 0 "))
+    lines[unknown_port] = " ".join([*lines[unknown_port].split()[:3], "unknown"])
+    data.write_text("\n".join(lines) + "\n")
+    topo = real.discover()
+    assert topo.indices == tuple(range(8))
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "common ancestor: Unknown Error" in warned
+    assert "NVLink 0: far end unknown" in warned

@@ -309,3 +309,61 @@ def test_a_failing_nvidia_smi_leaves_the_numa_guess(make_fake: MakeFake, sysfs: 
     for (a, b), link in topo.links.items():
         same = topo.gpu(a).numa_node == topo.gpu(b).numa_node
         assert link.kind is (LinkKind.NODE if same else LinkKind.SYS)
+
+
+def smi_of(topo: Topology) -> Callable[[], dict[tuple[int, int], Link]]:
+    """``nvidia-smi topo -m`` as it would print ``topo``, parsed."""
+    from pkg.deviceplugin.topology import smi
+
+    n = len(topo.gpus)
+    words = [[link.word for link in row] for row in topo.matrix()]
+    header = "\t" + "\t".join(f"GPU{i}" for i in range(n)) + "\tCPU Affinity\tNUMA Affinity"
+    rows = [f"GPU{i}\t" + "\t".join(r) + "\t0-31\t0" for i, r in enumerate(words)]
+    text = "\n".join([header, *rows, "", "Legend:", "  X    = Self"]) + "\n"
+    return lambda: smi.parse_topo_matrix(text)
+
+
+def test_a_documented_unknown_error_of_the_common_ancestor_degrades_per_pair(
+    make_fake: MakeFake, sysfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nvml.h: NVML_ERROR_UNKNOWN "an error has occurred in underlying topology
+    # discovery". It stopped discovery, and start-up, before nvidia-smi was tried.
+    fake = make_fake(
+        "pcie-2numa-4", failing={"nvmlDeviceGetTopologyCommonAncestor": pynvml.NVML_ERROR_UNKNOWN}
+    )
+    real = RealBackend(fake.module(), sysfs_root=sysfs, smi_links=smi_of(fake.topo))
+    assert real.discover() == fake.topo
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "GPUs 0 and 1 common ancestor: Unknown Error" in warned[0]
+    caplog.clear()
+    real.discover()
+    assert not caplog.records  # the same trouble is not news
+    alone = RealBackend(fake.module(), sysfs_root=sysfs).discover()  # no nvidia-smi either
+    assert alone.indices == (0, 1, 2, 3)
+    assert alone.link(0, 2).kind is LinkKind.SYS
+
+
+@pytest.mark.parametrize(
+    ("knobs", "problem"),
+    [
+        ({"failing": {"nvmlDeviceGetNvLinkRemotePciInfo": pynvml.NVML_ERROR_UNKNOWN}}, "Unknown"),
+        ({"remote_bus": "not a bus id"}, "not a bus id"),
+        ({"remote_bus": "00000000:00:00.0"}, "is no GPU here"),
+    ],
+    ids=["unknown-error", "unparseable", "vm-bus-id"],
+)
+def test_an_nvlink_whose_far_end_nvml_cannot_name_takes_nvidia_smi_for_its_pairs(
+    make_fake: MakeFake,
+    sysfs: Path,
+    caplog: pytest.LogCaptureFixture,
+    knobs: dict[str, Any],
+    problem: str,
+) -> None:
+    # Before: the first two stopped discovery; the third (a VM, NCCL issue 1182) made
+    # every NVLink pair PCIe, silently.
+    fake = make_fake("nvlink-pairs-4", **knobs)
+    assert fake.topo.link(0, 1).kind is LinkKind.NVLINK
+    real = RealBackend(fake.module(), sysfs_root=sysfs, smi_links=smi_of(fake.topo))
+    assert real.discover() == fake.topo
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and problem in warned[0] and "far end" in warned[0]

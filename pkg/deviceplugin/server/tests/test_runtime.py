@@ -187,3 +187,18 @@ def test_a_reload_naming_an_unknown_gpu_is_rejected_with_the_file_and_key(
         f"config rejected: {root / 'config.yaml'}: groups[0].gpus: unknown GPU index 7 "
         "in group G07 (this node has GPU indices 0, 1, 2, 3)"
     ]
+
+
+def test_a_topology_refresh_survives_any_exception_and_keeps_the_topology(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only NvmlError was caught: anything else a driver's answer broke ended the thread.
+    before = runtime.topology
+
+    def broken() -> Topology:
+        raise ValueError("unparseable bus ID 'x'")
+
+    monkeypatch.setattr(runtime.backend, "discover", broken)
+    runtime.refresh_topology()
+    assert runtime.topology is before
+    assert "topology refresh failed (unparseable bus ID 'x')" in caplog.text
