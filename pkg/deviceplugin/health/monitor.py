@@ -202,15 +202,23 @@ class HealthMonitor:
                     )
                     continue
                 if not event.uuid:
-                    self._suspect_all_locked(gpus, event.xid)
+                    self._suspect_all_locked(
+                        gpus, f"critical XID {event.xid} on a GPU NVML could not name"
+                    )
                     continue
                 self._mark_locked(event.uuid, f"critical XID {event.xid}", by_xid=True)
             self._publish_locked()
 
-    def _suspect_all_locked(self, gpus: Iterable[Gpu], xid: int) -> None:
-        """A critical XID from a GPU NVML cannot name: none can be vouched for until its
-        probes pass (a phantom GPU "" would be marked, and probed, forever instead)."""
-        reason = f"critical XID {xid} on a GPU NVML could not name"
+    def _suspect_all(self, reason: str) -> None:
+        gpus = self._current_gpus() or ()
+        with self._lock:
+            self._learn_locked(gpus)
+            self._suspect_all_locked(gpus, reason)
+            self._publish_locked()
+
+    def _suspect_all_locked(self, gpus: Iterable[Gpu], reason: str) -> None:
+        """None of ``gpus`` can be vouched for until its probes pass (an XID NVML cannot
+        name: a phantom GPU "" would be marked, and probed, forever instead)."""
         for gpu in gpus:
             self._mark_locked(gpu.uuid, reason, by_xid=False)
 
@@ -253,8 +261,17 @@ class HealthMonitor:
                 events = self._backend.wait_xid_events(XID_WAIT_S)
             except Exception as exc:
                 if not self._xid_failing:
-                    log.warning("cannot read XID events (%s); retrying", exc, exc_info=True)
+                    log.warning(
+                        "cannot read XID events (%s); every GPU is unhealthy until its "
+                        "probes pass, retrying",
+                        exc,
+                    )
+                    log.debug("XID wait failure", exc_info=True)
                     self._xid_failing = True
+                # Critical XIDs may have been missed: no GPU can be vouched for but by
+                # its probes (NVIDIA's plugin marks every GPU too).
+                self._suspect_all(f"XID events could not be read ({exc})")
+                self.probe_once()
                 self._stop.wait(XID_WAIT_S)
                 continue
             if self._xid_failing:

@@ -45,6 +45,7 @@ _ANCESTOR_LINKS = {
 }
 _XID_CRITICAL_ERROR = 0x8  # nvmlEventTypeXidCriticalError
 _REMOTE_GPU, _REMOTE_SWITCH = 0x00, 0x02  # nvmlNvLinkDeviceType_t
+_NVML_ERROR_UNKNOWN = 999
 
 
 class _Unsupported(Exception):
@@ -90,6 +91,10 @@ class RealBackend:
         self._unwatched: dict[int, str] = {}
         self._watched = 0
         self._watched_handles: dict[object, int] = {}  # _handle_key -> index
+        # GPUs whose registration spoiled a set (index -> why), and a failed wait not yet
+        # reported because events came before it in the same call
+        self._spoiled_registration: dict[int, str] = {}
+        self._wait_failure: NvmlError | None = None
         self._unsupported_errors = tuple(
             cls
             for cls in (
@@ -395,7 +400,13 @@ class RealBackend:
         raise NvmlError(f"NVML lookup: no GPU with UUID {uuid} answers{why}")
 
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
+        """Critical XIDs, waited for up to ``timeout_s``. A wait that fails (NVML says
+        GPU_IS_LOST when a GPU falls off the bus) raises: events may have been missed.
+        The event set is then rebuilt by the next call, with the GPUs that answer."""
         with self._events_lock:
+            if self._wait_failure is not None:  # after the events that came before it
+                failure, self._wait_failure = self._wait_failure, None
+                raise failure
             event_set = self._ensure_event_set()
             if event_set is None:
                 # Nothing can ever arrive; block anyway so callers' loops do not spin.
@@ -404,7 +415,15 @@ class RealBackend:
             events: list[XidEvent] = []
             timeout_ms = max(int(timeout_s * 1000), 0)
             while len(events) < _MAX_EVENTS_PER_WAIT:
-                data = self._wait_one(event_set, timeout_ms)
+                try:
+                    data = self._wait_one(event_set, timeout_ms)
+                except NvmlError as exc:
+                    self._drop_event_set()
+                    self._spoiled_registration.clear()  # the next set tries every GPU
+                    if not events:
+                        raise
+                    self._wait_failure = exc
+                    break
                 if data is None:
                     break
                 if int(data.eventType) & _XID_CRITICAL_ERROR:
@@ -442,28 +461,44 @@ class RealBackend:
         """
         if not self._events_supported:
             return None
-        if self._event_set is None:
-            self._ensure_init()
-            nvml = self._nvml
-            event_set: object | None = self._optional("event set", nvml.nvmlEventSetCreate)
-            if event_set is None:
-                self._without_events()
-                return None
-            try:
-                count = self._required("device count", nvml.nvmlDeviceGetCount)
-            except NvmlError:
-                self._free(event_set)
-                raise
-            self._event_set = event_set
-            self._unwatched = dict.fromkeys(range(count), "")
-        if self._unwatched:
-            self._watch_unwatched(self._event_set)
-            if not self._watched and not self._unwatched:
-                self._without_events()
-                return None
-        return self._event_set
+        while True:
+            if self._event_set is None:
+                self._ensure_init()
+                nvml = self._nvml
+                event_set: object | None = self._optional("event set", nvml.nvmlEventSetCreate)
+                if event_set is None:
+                    self._without_events()
+                    return None
+                try:
+                    count = self._required("device count", nvml.nvmlDeviceGetCount)
+                except NvmlError:
+                    self._free(event_set)
+                    raise
+                self._event_set = event_set
+                self._unwatched = {
+                    i: "" for i in range(count) if i not in self._spoiled_registration
+                }
+            if self._unwatched:
+                if self._watch_unwatched(self._event_set):
+                    self._drop_event_set()  # undefined now (nvml.h): a new one, without it
+                    continue
+                if not self._watched and not self._unwatched and not self._spoiled_registration:
+                    self._without_events()
+                    return None
+            return self._event_set
 
-    def _watch_unwatched(self, event_set: object) -> None:
+    def _drop_event_set(self) -> None:
+        if self._event_set is not None:
+            self._free(self._event_set)
+        self._event_set = None
+        self._unwatched = {}
+        self._watched = 0
+        self._watched_handles.clear()
+
+    def _watch_unwatched(self, event_set: object) -> bool:
+        """Register the GPUs not watched yet; True when a registration failed with
+        NVML_ERROR_UNKNOWN, after which nvml.h says the set is undefined: that GPU is left
+        out of the sets built until the next failed wait."""
         nvml = self._nvml
         for index, failing in sorted(self._unwatched.items()):
             try:
@@ -482,6 +517,16 @@ class RealBackend:
                 del self._unwatched[index]
                 continue
             except NvmlError as exc:
+                if _code(exc) == _NVML_ERROR_UNKNOWN:
+                    log.warning(
+                        "registering GPU %d for XID events left the event set undefined "
+                        "(%s); building a new one without it (its probes still watch it)",
+                        index,
+                        exc,
+                        extra={"gpu": index},
+                    )
+                    self._spoiled_registration[index] = str(exc)
+                    return True
                 if str(exc) != failing:
                     log.warning(
                         "XID events of GPU %d are not watched until it answers: %s",
@@ -498,6 +543,7 @@ class RealBackend:
                 log.info(
                     "watching XID events of GPU %d now that it answers", index, extra={"gpu": index}
                 )
+        return False
 
     def _without_events(self) -> None:
         log.info("NVML reports no XID events on this node: health relies on probes")
@@ -544,3 +590,9 @@ def _handle_key(handle: object) -> object:
         return ctypes.cast(handle, ctypes.c_void_p).value  # type: ignore[arg-type]
     except (TypeError, ctypes.ArgumentError):
         return handle
+
+
+def _code(exc: NvmlError) -> int | None:
+    """The NVML return code behind an :class:`NvmlError` (pynvml's ``NVMLError.value``)."""
+    value = getattr(exc.__cause__, "value", None)
+    return value if isinstance(value, int) else None

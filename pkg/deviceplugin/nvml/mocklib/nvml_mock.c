@@ -330,6 +330,15 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
             }
             if (x->at < next) next = x->at;
         }
+        /* nvml.h: GPU_IS_LOST "if a GPU has fallen off the bus": after its last events */
+        for (int i = 0; i < ngpus; i++) {
+            if (!(set->registered[i] & XID_CRITICAL_ERROR)) continue;
+            if (is_lost(&gpus[i])) {
+                pthread_mutex_unlock(&lock);
+                return NVML_ERROR_GPU_IS_LOST;
+            }
+            if (gpus[i].lost_at > now && gpus[i].lost_at < next) next = gpus[i].lost_at;
+        }
         pthread_mutex_unlock(&lock);
         if (now >= deadline) return NVML_ERROR_TIMEOUT;
         long long wait = next - now;

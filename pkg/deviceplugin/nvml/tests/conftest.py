@@ -67,6 +67,8 @@ class FakeNvml:
     missing: set[str] = field(default_factory=set)
     lost: set[int] = field(default_factory=set)
     failing: dict[str, int] = field(default_factory=dict)
+    spoils_registration: set[int] = field(default_factory=set)
+    in_set: set[int] = field(default_factory=set)
     remote_bus: str | None = None
     as_bytes: bool = False
     init_error: int | None = None
@@ -194,17 +196,23 @@ class FakeNvml:
     def nvmlDeviceRegisterEvents(self, h: Handle, types_: int, event_set: str) -> None:
         assert event_set == "event-set"
         assert types_ == pynvml.nvmlEventTypeXidCriticalError
+        if h.index in self.spoils_registration:
+            raise error(pynvml.NVML_ERROR_UNKNOWN)  # nvml.h: the set is undefined now
         self.registered.append(h.index)
+        self.in_set.add(h.index)
 
     def nvmlEventSetWait_v2(self, event_set: str, timeout_ms: int) -> EventData:
         assert event_set == "event-set"
-        if not self.events:
-            raise error(pynvml.NVML_ERROR_TIMEOUT)
-        index, event_type, xid = self.events.popleft()
-        return EventData(Handle(index), event_type, xid)
+        if self.events:
+            index, event_type, xid = self.events.popleft()
+            return EventData(Handle(index), event_type, xid)
+        if self.in_set & self.lost:  # nvml.h: GPU_IS_LOST "if a GPU has fallen off the bus"
+            raise error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        raise error(pynvml.NVML_ERROR_TIMEOUT)
 
     def nvmlEventSetFree(self, event_set: str) -> None:
         self.freed += 1
+        self.in_set.clear()
 
     def push_xid(self, index: int, xid: int, event_type: int | None = None) -> None:
         kind = pynvml.nvmlEventTypeXidCriticalError if event_type is None else event_type

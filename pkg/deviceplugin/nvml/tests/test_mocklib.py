@@ -79,6 +79,10 @@ def test_scripted_faults_play_out_through_nvml_as_in_the_mock_backend(serve: Ser
     real = serve("flaky-4", time_scale=0.2)
     before = real.discover()
     assert before.indices == (0, 1, 2, 3)
+    # nvml.h: the wait fails with GPU_IS_LOST once a GPU of the set is off the bus; the
+    # next wait rebuilds the set with the GPUs that answer and goes on
+    with pytest.raises(NvmlError, match="GPU is lost"):
+        real.wait_xid_events(2.0)
     assert real.wait_xid_events(2.0) == [XidEvent(before.gpu(1).uuid, 79)]
     during = real.discover()
     assert during.indices == (0, 1, 3)
@@ -113,12 +117,16 @@ def test_an_xid_from_a_gpu_that_just_fell_off_the_bus_names_it_by_its_handle(
             for i in range(2)
         )
         + "links:\n  - [X, PHB]\n  - [PHB, X]\n"
-        + "faults:\n  - {gpu: 1, at: 0.3, kind: lost}\n  - {gpu: 1, at: 0.4, kind: xid, xid: 79}\n"
+        + "faults:\n  - {gpu: 1, at: 0.3, kind: xid, xid: 79}\n  - {gpu: 1, at: 0.3, kind: lost}\n"
     )
     real = serve(str(source))
     assert real.discover().indices == (0, 1)
     assert real.wait_xid_events(0.05) == []  # registers both GPUs
     assert real.wait_xid_events(3.0) == [XidEvent("GPU-10000000-0000-0000-0000-000000000000", 79)]
+    # the wait failed right after that event: said by the next call, not lost
+    with pytest.raises(NvmlError, match="GPU is lost"):
+        real.wait_xid_events(0.05)
+    assert real.wait_xid_events(0.05) == []  # a new set, GPU 0 alone
 
 
 def test_documented_unknown_errors_of_topology_queries_do_not_stop_discovery(

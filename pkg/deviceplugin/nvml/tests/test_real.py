@@ -244,6 +244,41 @@ def test_a_node_whose_only_gpu_is_lost_keeps_trying_to_watch_it(
     assert fake.freed == 1
 
 
+def test_a_wait_that_fails_is_reported_and_the_set_rebuilt_with_the_gpus_that_answer(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    # nvml.h: the wait returns GPU_IS_LOST once a GPU of the set fell off the bus. It was
+    # logged and the same set waited on again, forever failing, marking nothing.
+    fake = make_fake("flaky-4")
+    real = backend(fake, sysfs)
+    assert real.wait_xid_events(0.01) == []
+    fake.lost.add(2)
+    with pytest.raises(NvmlError, match="event wait: GPU is lost"):
+        real.wait_xid_events(0.01)
+    assert fake.freed == 1
+    fake.push_xid(1, 48)
+    assert real.wait_xid_events(0.01) == [XidEvent(fake.topo.gpu(1).uuid, 48)]
+    assert fake.registered == [0, 1, 2, 3, 0, 1, 3]
+    fake.lost.clear()
+    assert real.wait_xid_events(0.01) == []
+    assert fake.registered[-1] == 2  # watched again once it answers
+
+
+def test_a_registration_that_leaves_the_set_undefined_rebuilds_it_without_that_gpu(
+    make_fake: MakeFake, sysfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nvml.h, nvmlDeviceRegisterEvents: NVML_ERROR_UNKNOWN, "set is in undefined
+    # state". The set was kept and waited on.
+    fake = make_fake("flaky-4", spoils_registration={1})
+    real = backend(fake, sysfs)
+    fake.push_xid(3, 48)
+    assert real.wait_xid_events(0.01) == [XidEvent(fake.topo.gpu(3).uuid, 48)]
+    assert (fake.freed, fake.registered) == (1, [0, 0, 2, 3])
+    assert "registering GPU 1 for XID events left the event set undefined" in caplog.text
+    assert real.wait_xid_events(0.01) == []
+    assert fake.calls.count("nvmlEventSetCreate") == 2  # not rebuilt at every wait
+
+
 def test_an_event_set_that_cannot_count_the_gpus_is_freed(make_fake: MakeFake, sysfs: Path) -> None:
     fake = make_fake("single-gpu")
     real = backend(fake, sysfs)
