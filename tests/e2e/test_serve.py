@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -545,14 +546,24 @@ def test_plugin_killed_and_terminated_amid_admissions_keeps_every_generation(
         serving.start_plugin()
         assert serving.wait_registered(RESOURCES, after=before), serving.log()
     admit_and_delete(9)
-    state = json.loads((serving.state_dir / "state.json").read_text())
-    seats = {
-        seat_id: seat
-        for group in state["resources"][resource]["groups"].values()
-        for seat_id, seat in group["seats"].items()
-    }
-    for seat_id, gen in highest.items():
-        assert seats[seat_id]["generation"] >= gen
+
+    def saved_seats() -> dict[str, Any]:
+        state = json.loads((serving.state_dir / "state.json").read_text())
+        return {
+            seat_id: seat
+            for group in state["resources"][resource]["groups"].values()
+            for seat_id, seat in group["seats"].items()
+        }
+
+    # the state file follows a new binding's journal line about 20 ms later (README)
+    deadline = time.monotonic() + 2.0
+    while True:
+        seats = saved_seats()
+        behind = {s: g for s, g in highest.items() if seats[s]["generation"] < g}
+        if not behind or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not behind, (behind, seats)
     held = {
         d
         for p in serving.kubelet.pods.values()

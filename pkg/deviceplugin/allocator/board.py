@@ -327,7 +327,9 @@ class SeatBoard:
                 shown = self._bindings_changed_locked(groups)
                 try:
                     self._reserve_locked(max(made.generation for _, made in new))
-                    self._persist_bindings_locked([(resource, seat.device_id) for seat, _ in new])
+                    self._persist_bindings_locked(
+                        [(resource, seat.device_id) for seat, _ in new], whole=unsaved
+                    )
                 except OSError as exc:
                     for seat, made in reversed(new):
                         self._ledger.unbind((resource, seat.device_id), made)
@@ -900,14 +902,17 @@ class SeatBoard:
         self._store.save_sidecar(below, _held_over_pins(self._layout))
         self._reserved = below
 
-    def _persist_bindings_locked(self, keys: Sequence[SeatKey]) -> None:
+    def _persist_bindings_locked(self, keys: Sequence[SeatKey], *, whole: bool) -> None:
         """Make new bindings durable before their Allocate answers: a line appended to
         the store's journal, the state file written behind it (for its readers, and to
-        empty the journal). Raises ``OSError`` when they may not be."""
+        empty the journal). ``whole``: what the Allocate's observation changed goes too,
+        so the whole file is written now (a journal line holds only new bindings; a
+        release it missed would come back at a restart, under a binding it fenced).
+        Raises ``OSError`` when they may not be durable."""
         store = self._store
         if store is None:
             return
-        if store.journal_full:
+        if whole or store.journal_full:
             self._write_locked(store)
             return
         store.append(

@@ -184,6 +184,24 @@ def test_a_line_a_later_save_holds_changes_nothing(tmp_path: Path) -> None:
     assert state(opened(tmp_path), R2, "G01-s1") == ("free", 1)
 
 
+def test_a_release_an_allocate_observed_is_durable_with_its_binding(tmp_path: Path) -> None:
+    # Found by the generations machine (single-gpu CI run): the Allocate of a fenced 2x
+    # seat asks List, which shows the 1x holder gone, and releases it; only the 2x
+    # binding went to the journal, so a crash brought the 1x binding back under it.
+    writes, mono = WritesBehind(), Clock()
+    board = opened(tmp_path, writes, mono)
+    board.allocate(R1, [["G0-s0"]])
+    board.reconcile({(R1, DeviceId("G0-s0")): Holder("ns", "a", "main")})
+    board.reconcile({})
+    mono.now += GONE_CONFIRM_S
+    assert board.needs_observation(R2, [["G01-s0"]])  # fenced by the 1x seat on GPU 0
+    board.allocate(R2, [["G01-s0"]], {})
+    writes.drop()  # a crash
+    restarted = opened(tmp_path)
+    assert state(restarted, R1, "G0-s0") == ("fenced", 1)  # released, fenced by the 2x seat
+    assert state(restarted, R2, "G01-s0") == ("held", 1)
+
+
 def test_a_failed_line_refuses_the_allocate_and_the_next_binding_saves_the_whole_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
