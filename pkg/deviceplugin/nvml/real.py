@@ -46,6 +46,8 @@ _ANCESTOR_LINKS = {
 _XID_CRITICAL_ERROR = 0x8  # nvmlEventTypeXidCriticalError
 _REMOTE_GPU, _REMOTE_SWITCH = 0x00, 0x02  # nvmlNvLinkDeviceType_t
 _NVML_ERROR_UNKNOWN = 999
+_AFFINITY_SCOPE_NODE = 0  # nvmlAffinityScope_t: NVML_AFFINITY_SCOPE_NODE
+_NODE_SET_WORDS = 4  # 64-bit words of a NUMA node set: nodes 0 to 255
 
 
 class _Unsupported(Exception):
@@ -262,10 +264,36 @@ class RealBackend:
         return _Device(gpu, handle)
 
     def _numa_node(self, what: str, handle: object, bus_id: str) -> int | None:
-        node = self._optional(f"{what} NUMA node", self._nvml.nvmlDeviceGetNumaNodeId, handle)
-        if node is None:
-            node = self._sysfs_numa_node(bus_id)
+        """The CPU-side NUMA node of the GPU, what the kubelet aligns CPUs and memory to:
+        the PCI device's ``numa_node`` in sysfs (as NVIDIA's plugin reads it), else the
+        one node NVML names as nearest memory. Never ``nvmlDeviceGetNumaNodeId``: that is
+        the GPU's own memory node, on platforms where GPUs are NUMA nodes (GH200, GB200),
+        and no CPU is in it."""
+        node = self._sysfs_numa_node(bus_id)
+        if node is None or node < 0:
+            node = self._nearest_memory_node(what, handle)
         return None if node is None or node < 0 else int(node)
+
+    def _nearest_memory_node(self, what: str, handle: object) -> int | None:
+        query = getattr(self._nvml, "nvmlDeviceGetMemoryAffinity", None)
+        if query is None:
+            return None
+        try:
+            words = self._optional(
+                f"{what} memory affinity", query, handle, _NODE_SET_WORDS, _AFFINITY_SCOPE_NODE
+            )
+        except NvmlError as exc:
+            log.debug("%s", exc)
+            return None
+        if words is None:
+            return None
+        nodes = [
+            i * 64 + bit
+            for i, word in enumerate(words)
+            for bit in range(64)
+            if int(word) >> bit & 1
+        ]
+        return nodes[0] if len(nodes) == 1 else None
 
     def _sysfs_numa_node(self, bus_id: str) -> int | None:
         # sysfs spells the domain with at least four lower-case digits (0000:07:00.0).

@@ -253,10 +253,22 @@ nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t d, unsigned *minor) {
     return NVML_SUCCESS;
 }
 
+/* nvml.h: the GPU's own NUMA node, only on platforms where GPUs are NUMA nodes (Grace);
+ * the mock topologies are not such platforms. The CPU-side node is the nearest memory. */
 nvmlReturn_t nvmlDeviceGetNumaNodeId(nvmlDevice_t d, unsigned *node) {
     CHECK_DEVICE(d);
-    if (d->numa < 0) return NVML_ERROR_NOT_SUPPORTED;
-    *node = (unsigned)d->numa;
+    (void)node;
+    return NVML_ERROR_NOT_SUPPORTED;
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryAffinity(nvmlDevice_t d, unsigned size, unsigned long *set,
+                                         unsigned scope) {
+    CHECK_DEVICE(d);
+    (void)scope;
+    if (!set || !size) return NVML_ERROR_INVALID_ARGUMENT;
+    memset(set, 0, size * sizeof *set);
+    const int bits = (int)(8 * sizeof *set);
+    if (d->numa >= 0 && d->numa / bits < (int)size) set[d->numa / bits] = 1UL << (d->numa % bits);
     return NVML_SUCCESS;
 }
 

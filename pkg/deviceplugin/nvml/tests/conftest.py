@@ -60,7 +60,9 @@ class FakeNvml:
     """Knobs: ``unsupported``/``missing`` function names, ``failing`` function names with
     the NVML error each returns, ``lost`` GPU indices, ``as_bytes`` (pynvml < 11.5
     returned bytes), ``events`` queued for the event set, ``remote_bus`` what every
-    NVLink's far end answers as its bus ID (as in a VM)."""
+    NVLink's far end answers as its bus ID (as in a VM), ``spoils_registration`` GPU
+    indices whose event registration fails with UNKNOWN, ``gpu_memory_nodes`` the GPU's
+    own NUMA node per index where GPUs are NUMA nodes (Grace)."""
 
     tf: TopologyFile
     unsupported: set[str] = field(default_factory=set)
@@ -68,6 +70,7 @@ class FakeNvml:
     lost: set[int] = field(default_factory=set)
     failing: dict[str, int] = field(default_factory=dict)
     spoils_registration: set[int] = field(default_factory=set)
+    gpu_memory_nodes: dict[int, int] = field(default_factory=dict)
     in_set: set[int] = field(default_factory=set)
     remote_bus: str | None = None
     as_bytes: bool = False
@@ -159,8 +162,20 @@ class FakeNvml:
         return self.topo.gpu(h.index).minor
 
     def nvmlDeviceGetNumaNodeId(self, h: Handle) -> int:
+        # nvml.h: the GPU's own NUMA node, "only ... on platforms where the GPUs are NUMA
+        # nodes" (Grace: its memory, no CPU in it); elsewhere Not Supported
+        if h.index not in self.gpu_memory_nodes:
+            raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return self.gpu_memory_nodes[h.index]
+
+    def nvmlDeviceGetMemoryAffinity(self, h: Handle, words: int, scope: int) -> list[int]:
+        """The NUMA nodes of the memory nearest the GPU, as a bit set (the fixture's
+        ``numaNode``: the CPU-side node)."""
         node = self.topo.gpu(h.index).numa_node
-        return -1 if node is None else node
+        nodes = [0] * words
+        if node is not None:
+            nodes[node // 64] |= 1 << (node % 64)
+        return nodes
 
     def nvmlDeviceGetTopologyCommonAncestor(self, a: Handle, b: Handle) -> int:
         link = self.topo.link(a.index, b.index)

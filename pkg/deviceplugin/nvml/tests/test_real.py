@@ -75,10 +75,8 @@ def test_without_the_common_ancestor_numa_nodes_tell_node_from_sys(
     assert [topo.link(0, b).kind for b in (1, 2, 3)] == [LinkKind.NODE, LinkKind.SYS, LinkKind.SYS]
 
 
-def test_numa_node_comes_from_sysfs_where_nvml_has_none(
-    make_fake: MakeFake, tmp_path: Path
-) -> None:
-    fake = make_fake("pcie-2numa-4", missing={"nvmlDeviceGetNumaNodeId"})
+def test_numa_node_comes_from_sysfs_first(make_fake: MakeFake, tmp_path: Path) -> None:
+    fake = make_fake("pcie-2numa-4", missing={"nvmlDeviceGetMemoryAffinity"})
     devices = tmp_path / "bus" / "pci" / "devices"
     for bus, node in [("0000:3b:00.0", "0"), ("0000:3e:00.0", "-1"), ("0000:b1:00.0", "1\n")]:
         (devices / bus).mkdir(parents=True)
@@ -86,6 +84,28 @@ def test_numa_node_comes_from_sysfs_where_nvml_has_none(
     topo = RealBackend(fake.module(), sysfs_root=tmp_path).discover()
     # 0000:ca:00.0 has no sysfs entry: unknown, not an error.
     assert [g.numa_node for g in topo.gpus] == [0, None, 1, None]
+
+
+def test_on_grace_the_numa_node_is_the_cpu_side_one_not_the_gpus_own_memory(
+    make_fake: MakeFake, tmp_path: Path
+) -> None:
+    # nvmlDeviceGetNumaNodeId is the GPU's own memory node where GPUs are NUMA nodes
+    # (GH200/GB200: nodes 4 and up, no CPU in them); it was sent to the kubelet as the
+    # device's NUMA affinity. The CPU side: sysfs, else NVML's nearest memory.
+    fake = make_fake("pcie-2numa-4", gpu_memory_nodes={0: 4, 1: 5, 2: 6, 3: 7})
+    cpu_side = [g.numa_node for g in fake.topo.gpus]
+    assert cpu_side == [0, 0, 1, 1]
+    assert [g.numa_node for g in backend(fake, tmp_path / "no-sysfs").discover().gpus] == cpu_side
+    # sysfs first, where it answers (a node numbering of its own here, to tell them apart)
+    devices = tmp_path / "bus" / "pci" / "devices"
+    for gpu in fake.topo.gpus:
+        domain, rest = gpu.pci_bus_id.split(":", 1)
+        entry = devices / f"{int(domain, 16):04x}:{rest.lower()}"
+        entry.mkdir(parents=True)
+        (entry / "numa_node").write_text(f"{1 - (gpu.numa_node or 0)}\n")
+    topo = RealBackend(fake.module(), sysfs_root=tmp_path).discover()
+    assert [g.numa_node for g in topo.gpus] == [1, 1, 0, 0]
+    assert "nvmlDeviceGetNumaNodeId" not in fake.calls
 
 
 def test_an_nvml_numa_node_of_minus_one_means_unknown(make_fake: MakeFake, sysfs: Path) -> None:
