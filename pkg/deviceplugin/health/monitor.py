@@ -18,10 +18,13 @@ The policy:
   makes its GPU unhealthy at once, whatever the probes say. An ignored XID is logged
   at debug level and changes nothing.
 - **After an XID** (``xid_recovery``): ``"probes"`` lets the GPU come back after
-  ``healthy_after`` consecutive good probes counted from the event; ``"never"`` keeps
-  it unhealthy until the plugin restarts, and the line that marks it says so. The
-  policy in force when the probes pass decides, so a reload to ``"probes"`` releases
-  GPUs held by ``"never"``.
+  ``healthy_after`` consecutive good probes counted from the event, but only good
+  probes in which the driver's recovery action field reads "none"; where the driver
+  has no such field, only after the XIDs in :data:`RECOVERABLE_XIDS` (the rest call for
+  a reset: the GPU stays unhealthy until the plugin restarts, one line says so).
+  ``"never"`` keeps it unhealthy until the plugin restarts, and the line that marks it
+  says so. The policy in force when the probes pass decides, so a reload to
+  ``"probes"`` releases GPUs held by ``"never"``.
 - **GPUs that vanish** from the topology while unhealthy keep being probed by UUID,
   so one that returns still has to pass its probes before it counts as healthy.
 
@@ -38,12 +41,21 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pkg.deviceplugin.nvml.backend import Backend, XidEvent
+from pkg.deviceplugin.nvml.backend import RECOVERY_ACTION_NONE, Backend, XidEvent
 from pkg.deviceplugin.types import Gpu
 
 log = logging.getLogger("pkg.deviceplugin.health")
 
 XidRecovery = Literal["probes", "never"]
+
+RECOVERABLE_XIDS: frozenset[int] = frozenset({8, 11, 13, 31, 43, 45, 68, 69, 94, 109})
+"""XIDs after which a GPU that answers its probes is fit again, where the driver has no
+recovery action field: those NVIDIA's XID catalog resolves by restarting the
+application (RESTART_APP), e.g. 94, an ECC error that was contained. Every other
+critical XID (48 double-bit ECC, 79 fell off the bus, 95 uncontained ECC, 64, 74, 119,
+120, ...) calls for a GPU reset or more: only the driver's field, or a plugin restart
+after the reset, returns such a GPU."""
+_RECOVERY_ACTIONS = {1: "GPU reset", 2: "node reboot", 3: "drain P2P", 4: "drain and reset"}
 
 XID_WAIT_S = 0.25
 """How long one wait for XID events blocks; it bounds how long ``stop`` takes."""
@@ -67,8 +79,11 @@ class _Sick:
 
     reason: str
     since: float
-    by_xid: bool
+    xid: int | None
+    """The critical XID that marked it last (None: probes alone did)."""
     good_probes: int = 0
+    waiting_noted: bool = False
+    """Whether the line saying what its recovery waits for was written."""
     # Bumped whenever the GPU is marked again, so a probe that started earlier is ignored.
     mark: int = 0
 
@@ -79,6 +94,7 @@ class _Outcome:
     ok: bool
     reason: str
     mark: int | None
+    recovery_action: int | None = None
 
 
 class HealthMonitor:
@@ -181,7 +197,7 @@ class HealthMonitor:
                 if outcome.ok:
                     self._good_probe_locked(outcome)
                 else:
-                    self._mark_locked(outcome.uuid, outcome.reason, by_xid=False)
+                    self._mark_locked(outcome.uuid, outcome.reason)
             self._publish_locked()
 
     def handle_events(self, events: Iterable[XidEvent]) -> None:
@@ -206,7 +222,7 @@ class HealthMonitor:
                         gpus, f"critical XID {event.xid} on a GPU NVML could not name"
                     )
                     continue
-                self._mark_locked(event.uuid, f"critical XID {event.xid}", by_xid=True)
+                self._mark_locked(event.uuid, f"critical XID {event.xid}", xid=event.xid)
             self._publish_locked()
 
     def _suspect_all(self, reason: str) -> None:
@@ -220,7 +236,7 @@ class HealthMonitor:
         """None of ``gpus`` can be vouched for until its probes pass (an XID NVML cannot
         name: a phantom GPU "" would be marked, and probed, forever instead)."""
         for gpu in gpus:
-            self._mark_locked(gpu.uuid, reason, by_xid=False)
+            self._mark_locked(gpu.uuid, reason)
 
     # ---- threads -----------------------------------------------------------------
 
@@ -305,13 +321,14 @@ class HealthMonitor:
         except Exception as exc:
             log.debug("probe of %s raised", uuid, exc_info=True)
             return _Outcome(uuid, False, f"probe failed: {exc}", mark)
-        return _Outcome(uuid, probe.ok, probe.reason or "probe failed", mark)
+        return _Outcome(uuid, probe.ok, probe.reason or "probe failed", mark, probe.recovery_action)
 
-    def _mark_locked(self, uuid: str, reason: str, *, by_xid: bool) -> None:
+    def _mark_locked(self, uuid: str, reason: str, *, xid: int | None = None) -> None:
+        by_xid = xid is not None
         sick = self._sick.get(uuid)
         self._marks += 1
         if sick is None:
-            self._sick[uuid] = _Sick(reason, self._clock(), by_xid, mark=self._marks)
+            self._sick[uuid] = _Sick(reason, self._clock(), xid, mark=self._marks)
             log.warning(
                 "%s unhealthy: %s%s",
                 self._label(uuid),
@@ -332,7 +349,7 @@ class HealthMonitor:
                 self._never_note(),
                 extra={"gpu": self._gpu_key(uuid)},
             )
-            sick.reason, sick.by_xid = reason, True
+            sick.reason, sick.xid, sick.waiting_noted = reason, xid, False
 
     def _never_note(self) -> str:
         if self._xid_recovery == "never":
@@ -343,8 +360,12 @@ class HealthMonitor:
         sick = self._sick.get(outcome.uuid)
         if sick is None or outcome.mark != sick.mark:
             return
-        if sick.by_xid and self._xid_recovery == "never":
-            return
+        if sick.xid is not None:
+            if self._xid_recovery == "never":
+                return
+            if not self._xid_cleared_locked(outcome, sick):
+                sick.good_probes = 0
+                return
         sick.good_probes += 1
         if sick.good_probes < self._healthy_after:
             return
@@ -357,6 +378,34 @@ class HealthMonitor:
             sick.reason,
             extra={"gpu": self._gpu_key(outcome.uuid)},
         )
+
+    def _xid_cleared_locked(self, outcome: _Outcome, sick: _Sick) -> bool:
+        """Whether a good probe of a GPU marked by a critical XID counts towards its
+        recovery: the driver's recovery action says nothing is pending or, where the
+        driver cannot say, the XID is one the GPU survives (:data:`RECOVERABLE_XIDS`)."""
+        action = outcome.recovery_action
+        if action == RECOVERY_ACTION_NONE:
+            return True
+        if action is None and sick.xid in RECOVERABLE_XIDS:
+            return True
+        if not sick.waiting_noted:
+            sick.waiting_noted = True
+            waits_for = (
+                f"until the driver reports no recovery action pending (now: "
+                f"{_RECOVERY_ACTIONS.get(action, action)})"
+                if action is not None
+                else "until the plugin restarts (after the GPU is reset): the driver "
+                "cannot say when it is done"
+            )
+            log.warning(
+                "%s answers its probes, but XID %s calls for a GPU reset or more; it stays "
+                "unhealthy %s",
+                self._label(outcome.uuid),
+                sick.xid,
+                waits_for,
+                extra={"gpu": self._gpu_key(outcome.uuid)},
+            )
+        return False
 
     def _publish_locked(self) -> None:
         current = {uuid: sick.reason for uuid, sick in self._sick.items()}

@@ -28,11 +28,18 @@ class XidEvent:
 
 @dataclass(frozen=True)
 class Probe:
-    """The result of one cheap health query of one GPU."""
+    """The result of one cheap health query of one GPU. ``recovery_action``: what the
+    driver says the GPU needs (``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION``: 0 nothing, 1 a
+    GPU reset, 2 a node reboot, 3 a P2P drain, 4 a drain and reset); None where the
+    driver cannot say."""
 
     uuid: str
     ok: bool
     reason: str = ""
+    recovery_action: int | None = None
+
+
+RECOVERY_ACTION_NONE = 0
 
 
 class Backend(Protocol):

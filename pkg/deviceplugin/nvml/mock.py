@@ -16,7 +16,12 @@ from pathlib import Path
 
 from pkg.deviceplugin.nvml import fixtures
 from pkg.deviceplugin.nvml.backend import NvmlError, Probe, XidEvent
-from pkg.deviceplugin.nvml.topofile import Fault, TopologyFile, load_topology_file
+from pkg.deviceplugin.nvml.topofile import (
+    RECOVERY_ACTION_CODES,
+    Fault,
+    TopologyFile,
+    load_topology_file,
+)
 from pkg.deviceplugin.types import Topology
 
 
@@ -82,9 +87,22 @@ class MockBackend:
         index = self._by_uuid.get(uuid)
         if index is None:
             return Probe(uuid, ok=False, reason=f"no GPU with UUID {uuid}")
-        if index in self._lost_now(self._elapsed()):
+        elapsed = self._elapsed()
+        if index in self._lost_now(elapsed):
             return Probe(uuid, ok=False, reason=f"GPU {index} is lost (fell off the bus)")
-        return Probe(uuid, ok=True)
+        return Probe(uuid, ok=True, recovery_action=self._recovery_action(index, elapsed))
+
+    def _recovery_action(self, index: int, elapsed: float) -> int | None:
+        """The recovery action field after the GPU's last XID so far that sets one."""
+        scripted = [
+            f
+            for f in self._file.faults
+            if f.kind == "xid" and f.gpu == index and f.at <= elapsed and f.recovery_action
+        ]
+        if not scripted:
+            return None
+        last = max(scripted, key=lambda f: f.at)
+        return RECOVERY_ACTION_CODES[last.recovery_action or "none"]
 
     def wait_xid_events(self, timeout_s: float) -> list[XidEvent]:
         deadline = self._clock() + max(timeout_s, 0.0)

@@ -46,6 +46,7 @@ _ANCESTOR_LINKS = {
 _XID_CRITICAL_ERROR = 0x8  # nvmlEventTypeXidCriticalError
 _REMOTE_GPU, _REMOTE_SWITCH = 0x00, 0x02  # nvmlNvLinkDeviceType_t
 _NVML_ERROR_UNKNOWN = 999
+_FI_DEV_GET_GPU_RECOVERY_ACTION = 230  # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
 _AFFINITY_SCOPE_NODE = 0  # nvmlAffinityScope_t: NVML_AFFINITY_SCOPE_NODE
 _NODE_SET_WORDS = 4  # 64-bit words of a NUMA node set: nodes 0 to 255
 
@@ -394,7 +395,23 @@ class RealBackend:
             if self._closed.is_set():
                 raise
             return Probe(uuid, ok=False, reason=str(exc).removeprefix("NVML "))
-        return Probe(uuid, ok=True)
+        return Probe(uuid, ok=True, recovery_action=self._recovery_action(handle))
+
+    def _recovery_action(self, handle: object) -> int | None:
+        """The driver's verdict on what the GPU needs (None: it cannot say)."""
+        query = getattr(self._nvml, "nvmlDeviceGetFieldValues", None)
+        if query is None:
+            return None
+        try:
+            values = self._optional(
+                "recovery action", query, handle, [_FI_DEV_GET_GPU_RECOVERY_ACTION]
+            )
+        except NvmlError as exc:
+            log.debug("%s", exc)
+            return None
+        if not values or int(values[0].nvmlReturn) != 0:
+            return None  # per field: Not Supported on drivers without it
+        return int(values[0].value.uiVal)
 
     def _handle_of(self, uuid: str) -> object:
         """The handle of the GPU with ``uuid``, looked up by index and checked by UUID.

@@ -93,6 +93,17 @@ class GpuEntry(_Model):
         )
 
 
+RecoveryAction = Literal["none", "gpuReset", "nodeReboot", "drainP2P", "drainAndReset"]
+RECOVERY_ACTION_CODES: dict[str, int] = {
+    "none": 0,
+    "gpuReset": 1,
+    "nodeReboot": 2,
+    "drainP2P": 3,
+    "drainAndReset": 4,
+}
+"""``nvmlDeviceGpuRecoveryAction_t`` (NVML_GPU_RECOVERY_ACTION_NONE, _GPU_RESET, ...)."""
+
+
 class Fault(_Model):
     """One scripted ``faults[]`` entry; ``at`` counts from the backend's start."""
 
@@ -101,9 +112,14 @@ class Fault(_Model):
     kind: Literal["lost", "xid"]
     recover_after: _Float | None = Field(default=None, gt=0)
     xid: _Int | None = Field(default=None, gt=0)
+    recovery_action: RecoveryAction | None = None
+    """What the driver's GPU recovery action field reads after this XID; absent: the
+    driver has no such field (older drivers), and the XID decides (README)."""
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> Fault:
+        if self.kind == "lost" and self.recovery_action is not None:
+            raise ValueError("recoveryAction belongs to kind xid, not lost")
         if self.kind == "lost" and self.xid is not None:
             raise ValueError("xid belongs to kind xid, not lost")
         if self.kind == "xid" and self.xid is None:

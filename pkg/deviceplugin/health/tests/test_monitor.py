@@ -179,17 +179,56 @@ def test_a_critical_xid_marks_at_once_and_an_ignored_xid_changes_nothing(
     )
 
 
-def test_flaky_4_xid_gpu_comes_back_after_good_probes_counted_from_the_event() -> None:
+@pytest.mark.parametrize(
+    ("xid", "action"), [(79, "none"), (48, "none"), (94, None)], ids=["79-none", "48-none", "94"]
+)
+def test_an_xid_gpu_comes_back_after_good_probes_counted_from_the_event(
+    tmp_path: Path, xid: int, action: str | None
+) -> None:
+    # The driver's recovery action reads "none", or it has no such field and the XID is
+    # one the GPU survives (94: contained ECC error, the application restarts).
+    verdict = f", recoveryAction: {action}" if action else ""
+    rig = make_rig(
+        two_gpu_file(tmp_path, f"  - {{gpu: 1, at: 1.5, kind: xid, xid: {xid}{verdict}}}\n"),
+        healthy_after=2,
+    )
+    rig.at(0.0)
+    rig.monitor.handle_events(rig.events_at(1.5))
+    assert rig.monitor.unhealthy() == {UUIDS[1]: f"critical XID {xid}"}
+    rig.at(2.0)  # good 1
+    assert UUIDS[1] in rig.monitor.unhealthy()
+    rig.at(2.5)  # good 2
+    assert rig.monitor.unhealthy() == {}
+
+
+@pytest.mark.parametrize("action", [None, "gpuReset", "drainAndReset"])
+def test_an_xid_calling_for_a_reset_keeps_the_gpu_unhealthy_and_says_what_it_waits_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, action: str | None
+) -> None:
+    # Before, 3 good probes (handle and memory info) returned a GPU that needed a reset.
+    caplog.set_level(logging.INFO, "pkg.deviceplugin.health")
+    verdict = f", recoveryAction: {action}" if action else ""
+    rig = make_rig(
+        two_gpu_file(tmp_path, f"  - {{gpu: 1, at: 1.0, kind: xid, xid: 79{verdict}}}\n"),
+        healthy_after=1,
+    )
+    rig.monitor.handle_events(rig.events_at(1.0))
+    for t in range(2, 12):
+        rig.at(float(t))
+    assert rig.monitor.unhealthy() == {UUIDS[1]: "critical XID 79"}
+    waiting = [line for line in health_lines(caplog) if "calls for a GPU reset" in line]
+    assert len(waiting) == 1
+    assert ("the driver cannot say" if action is None else "now: ") in waiting[0]
+
+
+def test_flaky_4_xid_79_gpu_stays_unhealthy_while_the_lost_gpu_comes_back() -> None:
     rig = make_rig("flaky-4", healthy_after=2)
     rig.at(0.0)
     rig.at(1.0)  # GPU 2 lost
-    rig.monitor.handle_events(rig.events_at(1.5))  # GPU 1: XID 79
-    assert rig.monitor.unhealthy()[FLAKY_GPU1] == "critical XID 79"
-    rig.at(2.0)  # good 1 for GPU 1
-    assert FLAKY_GPU1 in rig.monitor.unhealthy()
-    rig.at(2.5)  # good 2
-    assert FLAKY_GPU1 not in rig.monitor.unhealthy()
-    assert set(rig.monitor.unhealthy()) == {FLAKY_GPU2}
+    rig.monitor.handle_events(rig.events_at(1.5))  # GPU 1: XID 79, no recovery field
+    for t in (2.0, 2.5, 3.0, 3.5, 4.0):
+        rig.at(t)
+    assert rig.monitor.unhealthy() == {FLAKY_GPU1: "critical XID 79"}
 
 
 def test_xid_recovery_never_keeps_the_gpu_unhealthy_and_says_so_once(
@@ -197,7 +236,7 @@ def test_xid_recovery_never_keeps_the_gpu_unhealthy_and_says_so_once(
 ) -> None:
     caplog.set_level(logging.INFO, "pkg.deviceplugin.health")
     rig = make_rig(
-        two_gpu_file(tmp_path, "  - {gpu: 1, at: 1.0, kind: xid, xid: 79}\n"),
+        two_gpu_file(tmp_path, "  - {gpu: 1, at: 1.0, kind: xid, xid: 79, recoveryAction: none}\n"),
         healthy_after=1,
         xid_recovery="never",
     )
@@ -224,7 +263,7 @@ def test_an_xid_on_a_gpu_already_lost_restarts_its_recovery(tmp_path: Path) -> N
         two_gpu_file(
             tmp_path,
             "  - {gpu: 0, at: 1.0, kind: lost, recoverAfter: 1.0}\n"
-            "  - {gpu: 0, at: 2.5, kind: xid, xid: 79}\n",
+            "  - {gpu: 0, at: 2.5, kind: xid, xid: 79, recoveryAction: none}\n",
         ),
         healthy_after=2,
     )
@@ -295,8 +334,7 @@ def test_on_change_is_called_only_when_the_unhealthy_set_changes() -> None:
     assert rig.changes.calls == [
         {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)"},
         {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)", FLAKY_GPU1: "critical XID 79"},
-        {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)"},  # GPU 1 passes its probe at 2.0
-        {},  # GPU 2 back at 3.0
+        {FLAKY_GPU1: "critical XID 79"},  # GPU 2 back at 3.0; GPU 1 waits for a reset
     ]
 
 
@@ -308,7 +346,7 @@ class _XidDuringProbe(MockBackend):
     def probe(self, uuid: str) -> Probe:
         if self.monitor is not None and uuid == UUIDS[1]:
             monitor, self.monitor = self.monitor, None
-            monitor.handle_events([XidEvent(uuid, 79)])
+            monitor.handle_events([XidEvent(uuid, 94)])
         return super().probe(uuid)
 
 
@@ -319,7 +357,7 @@ def test_a_probe_that_began_before_an_xid_does_not_count_towards_recovery(
     assert isinstance(rig.backend, _XidDuringProbe)
     rig.backend.monitor = rig.monitor
     rig.at(0.0)
-    assert rig.monitor.unhealthy() == {UUIDS[1]: "critical XID 79"}
+    assert rig.monitor.unhealthy() == {UUIDS[1]: "critical XID 94"}
     rig.at(1.0)
     assert rig.monitor.unhealthy() == {}
 
@@ -344,12 +382,12 @@ def test_an_unhealthy_gpu_that_leaves_the_list_is_still_probed(tmp_path: Path) -
         xid_recovery="probes",
         clock=clock,
     )
-    monitor.handle_events([XidEvent(UUIDS[0], 79)])
+    monitor.handle_events([XidEvent(UUIDS[0], 94)])
     monitor.probe_once()
     clock.now = started + 1.5
     monitor.probe_once()
-    assert monitor.unhealthy() == {UUIDS[0]: "critical XID 79"}
-    assert monitor.gpu_health()[0] == GpuHealth(0, UUIDS[0], False, "critical XID 79")
+    assert monitor.unhealthy() == {UUIDS[0]: "critical XID 94"}
+    assert monitor.gpu_health()[0] == GpuHealth(0, UUIDS[0], False, "critical XID 94")
     clock.now = started + 2.0
     monitor.probe_once()
     monitor.probe_once()

@@ -20,7 +20,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
-from pkg.deviceplugin.nvml.topofile import TopologyFile
+from pkg.deviceplugin.nvml.topofile import RECOVERY_ACTION_CODES, TopologyFile
 from pkg.deviceplugin.types import LinkKind
 
 # NVSwitches appear on the PCI bus of the host; a domain no fixture uses keeps their
@@ -112,7 +112,8 @@ def write_data(tf: TopologyFile, path: Path, time_scale: float = 1.0) -> Path:
         lines += [f"port {index} {_REMOTE_TYPES[p.remote]} {p.remote_bus_id}" for p in ports]
     for f in tf.faults:
         if f.kind == "xid":
-            lines.append(f"xid {f.gpu} {_ms(f.at, time_scale)} {f.xid}")
+            action = -1 if f.recovery_action is None else RECOVERY_ACTION_CODES[f.recovery_action]
+            lines.append(f"xid {f.gpu} {_ms(f.at, time_scale)} {f.xid} {action}")
     path.write_text("\n".join(lines) + "\n")
     return path
 

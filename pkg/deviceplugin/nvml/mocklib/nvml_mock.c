@@ -11,7 +11,7 @@
  *   port <gpu> <remoteType> <remoteBusId|unknown>  (one active NVLink)
  * "unknown" makes that query return NVML_ERROR_UNKNOWN, which nvml.h documents for both
  * ("an error has occurred in underlying topology discovery").
- *   xid <gpu> <atMs> <xid>
+ *   xid <gpu> <atMs> <xid> <recoveryAction|-1>     (-1: the driver has no such field)
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -52,7 +52,7 @@ typedef struct {
     char port_bus[MAX_PORTS][32];
 } gpu_t;
 
-typedef struct { int gpu; long long at; unsigned long long xid; int delivered; } xid_t;
+typedef struct { int gpu; long long at; unsigned long long xid; int delivered; int action; } xid_t;
 
 /* The layouts pynvml declares with ctypes (nvml.h). */
 typedef struct {
@@ -121,8 +121,8 @@ static int load(const char *path) {
             gpu_t *g = &gpus[a];
             g->port_type[g->nports] = u;
             snprintf(g->port_bus[g->nports++], 32, "%s", bus);
-        } else if (sscanf(line, "xid %d %lld %llu", &a, &at, &x) == 3 && nxids < MAX_XIDS) {
-            xids[nxids++] = (xid_t){a, at, x, 0};
+        } else if (sscanf(line, "xid %d %lld %llu %d", &a, &at, &x, &b) == 4 && nxids < MAX_XIDS) {
+            xids[nxids++] = (xid_t){a, at, x, 0, b};
         }
     }
     fclose(f);
@@ -305,6 +305,49 @@ nvmlReturn_t nvmlDeviceGetNvLinkRemoteDeviceType(nvmlDevice_t d, unsigned link, 
     nvmlReturn_t ret = check_link(d, link);
     if (ret == NVML_SUCCESS) *type = d->port_type[link];
     return ret;
+}
+
+/* The layouts of nvmlValue_t and nvmlFieldValue_t (nvml.h). */
+typedef union {
+    double dVal;
+    unsigned int uiVal;
+    unsigned long ulVal;
+    unsigned long long ullVal;
+    signed long long sllVal;
+    int siVal;
+    unsigned short usVal;
+} nvmlValue_t;
+typedef struct {
+    unsigned fieldId, scopeId;
+    long long timestamp, latencyUsec;
+    unsigned valueType;
+    nvmlReturn_t nvmlReturn;
+    nvmlValue_t value;
+} nvmlFieldValue_t;
+#define FI_DEV_GET_GPU_RECOVERY_ACTION 230
+#define VALUE_TYPE_UNSIGNED_INT 1
+
+/* Only the GPU recovery action is served: what the GPU's last XID so far says (nvml.h
+ * reports NOT_SUPPORTED per field where a driver has none: -1 in the data file). */
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_t *values) {
+    CHECK_DEVICE(d);
+    if (count < 0 || (count && !values)) return NVML_ERROR_INVALID_ARGUMENT;
+    long long now = elapsed_ms();
+    for (int i = 0; i < count; i++) {
+        nvmlFieldValue_t *v = &values[i];
+        v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        if (v->fieldId != FI_DEV_GET_GPU_RECOVERY_ACTION) continue;
+        long long last = -1;
+        for (int k = 0; k < nxids; k++) {
+            const xid_t *x = &xids[k];
+            if (&gpus[x->gpu] != d || x->at > now || x->action < 0 || x->at < last) continue;
+            last = x->at;
+            v->valueType = VALUE_TYPE_UNSIGNED_INT;
+            v->value.uiVal = (unsigned)x->action;
+            v->nvmlReturn = NVML_SUCCESS;
+        }
+    }
+    return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {

@@ -71,6 +71,7 @@ class FakeNvml:
     failing: dict[str, int] = field(default_factory=dict)
     spoils_registration: set[int] = field(default_factory=set)
     gpu_memory_nodes: dict[int, int] = field(default_factory=dict)
+    recovery_actions: dict[int, int] = field(default_factory=dict)
     in_set: set[int] = field(default_factory=set)
     remote_bus: str | None = None
     as_bytes: bool = False
@@ -167,6 +168,23 @@ class FakeNvml:
         if h.index not in self.gpu_memory_nodes:
             raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return self.gpu_memory_nodes[h.index]
+
+    def nvmlDeviceGetFieldValues(self, h: Handle, field_ids: list[int]) -> list[Any]:
+        """Per field, nvmlReturn and value; only the recovery action is known, and only
+        for the GPUs in ``recovery_actions`` (Not Supported elsewhere, as on an older
+        driver)."""
+        values = []
+        for field_id in field_ids:
+            value = pynvml.c_nvmlFieldValue_t()
+            value.fieldId = field_id
+            action = self.recovery_actions.get(h.index)
+            if field_id == pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION and action is not None:
+                value.nvmlReturn = pynvml.NVML_SUCCESS
+                value.value.uiVal = action
+            else:
+                value.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+            values.append(value)
+        return values
 
     def nvmlDeviceGetMemoryAffinity(self, h: Handle, words: int, scope: int) -> list[int]:
         """The NUMA nodes of the memory nearest the GPU, as a bit set (the fixture's

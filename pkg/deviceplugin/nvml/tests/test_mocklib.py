@@ -145,3 +145,21 @@ def test_documented_unknown_errors_of_topology_queries_do_not_stop_discovery(
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "common ancestor: Unknown Error" in warned
     assert "NVLink 0: far end unknown" in warned
+
+
+def test_the_recovery_action_field_reads_what_the_last_xid_scripted(
+    serve: Serve, tmp_path: Path
+) -> None:
+    source = tmp_path / "one.yaml"
+    source.write_text(
+        "version: v1\ngpus:\n"
+        "  - {index: 0, uuid: GPU-00000000-0000-0000-0000-000000000000, name: Tesla T4, "
+        'memoryMiB: 15360, pciBusId: "00000000:01:00.0", minor: 0, numaNode: 0}\n'
+        "links:\n  - [X]\n"
+        "faults:\n  - {gpu: 0, at: 0.2, kind: xid, xid: 79, recoveryAction: gpuReset}\n"
+    )
+    real = serve(str(source))
+    uuid = real.discover().gpu(0).uuid
+    assert real.probe(uuid).recovery_action is None  # no XID yet: Not Supported
+    assert real.wait_xid_events(2.0) == [XidEvent(uuid, 79)]
+    assert real.probe(uuid).recovery_action == 1

@@ -422,3 +422,16 @@ def test_an_nvlink_whose_far_end_nvml_cannot_name_takes_nvidia_smi_for_its_pairs
     assert real.discover() == fake.topo
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and problem in warned[0] and "far end" in warned[0]
+
+
+def test_a_probe_carries_the_drivers_recovery_action_where_it_has_one(
+    make_fake: MakeFake, sysfs: Path
+) -> None:
+    fake = make_fake("flaky-4", recovery_actions={1: pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET})
+    real = backend(fake, sysfs)
+    real.discover()
+    assert real.probe(fake.topo.gpu(1).uuid).recovery_action == 1
+    assert real.probe(fake.topo.gpu(0).uuid).recovery_action is None  # Not Supported
+    fake.missing.add("nvmlDeviceGetFieldValues")
+    probe = real.probe(fake.topo.gpu(1).uuid)
+    assert (probe.ok, probe.recovery_action) == (True, None)

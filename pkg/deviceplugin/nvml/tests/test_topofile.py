@@ -180,6 +180,14 @@ def test_faults_must_name_a_known_gpu_and_fit_their_kind(tmp_path: Path) -> None
     assert problems(tmp_path, edited(faults__0__gpu=7)) == [
         "faults[0].gpu: no GPU with index 7 (have [0, 1, 2])"
     ]
+    assert problems(tmp_path, edited(faults__0__recoveryAction="none")) == [
+        "faults[0]: recoveryAction belongs to kind xid, not lost"
+    ]
+    tf = load_topology_file(write(tmp_path, edited(faults__1__recoveryAction="gpuReset")))
+    assert tf.faults[1].recovery_action == "gpuReset"
+    assert problems(tmp_path, edited(faults__1__recoveryAction="reboot"))[0].startswith(
+        "faults[1].recoveryAction: "
+    )
 
 
 @pytest.mark.parametrize(
