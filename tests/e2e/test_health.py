@@ -27,7 +27,7 @@ def flaky() -> Iterator[support.Node]:
     )
 
 
-def test_lost_gpu_and_critical_xid_turn_every_group_unhealthy_and_the_lost_one_back(
+def test_lost_gpu_and_critical_xid_turn_every_group_unhealthy_and_back(
     flaky: support.Node,
 ) -> None:
     node = flaky
@@ -50,13 +50,12 @@ def test_lost_gpu_and_critical_xid_turn_every_group_unhealthy_and_the_lost_one_b
     assert node.kubelet.wait_for(
         lambda: g1 <= unhealthy(node, R1) and g01 <= unhealthy(node, R2), 4.0
     ), node.log()
-    # The lost GPU recovers after it returns; the XID 79 one does not: 79 calls for a
-    # GPU reset, and this driver has no recovery action field to say it was done.
+    # Both recover: the lost GPU after it returns, the XID one after its probes pass
+    # with the driver's recovery action field reading "none" (flaky-4 scripts it so).
     assert node.kubelet.wait_for(
-        lambda: unhealthy(node, R1) == g1 and unhealthy(node, R2) == g01, 8.0
+        lambda: not unhealthy(node, R1) and not unhealthy(node, R2), 8.0
     ), node.log()
     assert time.monotonic() - started < 8.0
     log = node.log()
     assert "unhealthy" in log and "critical XID 79" in log
     assert "healthy again" in log
-    assert "XID 79 calls for a GPU reset or more" in log

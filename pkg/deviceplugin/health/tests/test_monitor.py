@@ -221,14 +221,16 @@ def test_an_xid_calling_for_a_reset_keeps_the_gpu_unhealthy_and_says_what_it_wai
     assert ("the driver cannot say" if action is None else "now: ") in waiting[0]
 
 
-def test_flaky_4_xid_79_gpu_stays_unhealthy_while_the_lost_gpu_comes_back() -> None:
+def test_flaky_4_xid_gpu_comes_back_once_the_driver_has_nothing_pending() -> None:
     rig = make_rig("flaky-4", healthy_after=2)
     rig.at(0.0)
     rig.at(1.0)  # GPU 2 lost
-    rig.monitor.handle_events(rig.events_at(1.5))  # GPU 1: XID 79, no recovery field
-    for t in (2.0, 2.5, 3.0, 3.5, 4.0):
-        rig.at(t)
-    assert rig.monitor.unhealthy() == {FLAKY_GPU1: "critical XID 79"}
+    rig.monitor.handle_events(rig.events_at(1.5))  # GPU 1: XID 79, recovery action none
+    assert rig.monitor.unhealthy()[FLAKY_GPU1] == "critical XID 79"
+    rig.at(2.0)  # good 1 for GPU 1
+    assert FLAKY_GPU1 in rig.monitor.unhealthy()
+    rig.at(2.5)  # good 2
+    assert set(rig.monitor.unhealthy()) == {FLAKY_GPU2}
 
 
 def test_xid_recovery_never_keeps_the_gpu_unhealthy_and_says_so_once(
@@ -334,7 +336,8 @@ def test_on_change_is_called_only_when_the_unhealthy_set_changes() -> None:
     assert rig.changes.calls == [
         {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)"},
         {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)", FLAKY_GPU1: "critical XID 79"},
-        {FLAKY_GPU1: "critical XID 79"},  # GPU 2 back at 3.0; GPU 1 waits for a reset
+        {FLAKY_GPU2: "GPU 2 is lost (fell off the bus)"},  # GPU 1 passes its probe at 2.0
+        {},  # GPU 2 back at 3.0
     ]
 
 
