@@ -316,6 +316,7 @@ def test_every_pool_gets_nvml_and_devices_from_the_nvidia_runtime(
         env = {e["name"]: e["value"] for e in _container(daemonset)["env"]}
         assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
         assert "utility" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+        assert env["NVIDIA_MIG_MONITOR_DEVICES"] == "all"  # NVML sees MIG-enabled GPUs
 
 
 def test_every_pool_mounts_exactly_three_host_directories(

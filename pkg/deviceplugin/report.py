@@ -21,6 +21,10 @@ def plan_document(config: Config, topology: Topology) -> dict[str, Any]:
         entry["links"] = {
             f"{a}-{b}": topology.link(a, b).word for a, b in combinations(group.indices, 2)
         }
+    if topology.set_aside:
+        doc["setAsideGpus"] = [
+            {"index": g.index, "uuid": g.uuid, "why": g.why} for g in topology.set_aside
+        ]
     return doc
 
 
@@ -36,7 +40,10 @@ def status_view(state: Mapping[str, Any]) -> dict[str, Any]:
             }
             groups[name] = {**{k: v for k, v in group.items() if k != "seats"}, "seats": seats}
         resources[resource] = {"groups": groups}
-    return {"resources": resources}
+    view: dict[str, Any] = {"resources": resources}
+    if state.get("setAsideGpus"):
+        view["setAsideGpus"] = state["setAsideGpus"]
+    return view
 
 
 def print_plan(doc: Mapping[str, Any], topology: Topology, out: TextIO) -> None:
@@ -85,6 +92,8 @@ def print_seat_map(doc: Mapping[str, Any], out: TextIO, *, with_links: bool = Fa
                 line += "  links " + " ".join(f"{k}:{v}" for k, v in sorted(group["links"].items()))
             out.write(line + "\n")
             out.write("    " + "  ".join(_seat_cells(group.get("seats") or {})) + "\n")
+    for gpu in doc.get("setAsideGpus") or ():
+        out.write(f"GPU {gpu.get('index')} ({gpu.get('uuid')}) not served: {gpu.get('why')}\n")
 
 
 def _seat_cells(seats: Mapping[str, Mapping[str, Any]]) -> Iterable[str]:

@@ -146,11 +146,22 @@ def _pair(a: int, b: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class SetAsideGpu:
+    """A GPU discovery found but the plugin does not serve, and why (one line)."""
+
+    index: int
+    uuid: str
+    why: str
+
+
+@dataclass(frozen=True)
 class Topology:
-    """A discovery snapshot: the GPUs (sorted by index) and the link of every pair."""
+    """A discovery snapshot: the GPUs (sorted by index) and the link of every pair;
+    ``set_aside``: GPUs found but not served (a MIG-enabled GPU)."""
 
     gpus: tuple[Gpu, ...]
     links: Mapping[tuple[int, int], Link] = field(default_factory=dict)
+    set_aside: tuple[SetAsideGpu, ...] = ()
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(self.gpus, key=lambda g: g.index))

@@ -38,7 +38,7 @@ from pkg.deviceplugin.allocator.store import (
     encode_object,
     printable,
 )
-from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, Topology
+from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, SetAsideGpu, Topology
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class SeatBoard:
         # lock); the one behind new bindings' journal lines runs without the lock.
         self._write_lock = threading.Lock()
         self._write_pending = False
+        self._set_aside: tuple[SetAsideGpu, ...] = ()
         self._submit_write = write_behind
         doc = store.load() if store is not None else None
         self._restore(doc)
@@ -651,10 +652,11 @@ class SeatBoard:
     # ---- status ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The SPEC section 9 status document (the state file adds ledger detail)."""
+        """The SPEC section 9 status document (the state file adds ledger detail), with
+        ``setAsideGpus`` where discovery found GPUs it does not serve."""
         with self._lock:
             snapshot = self._snapshot
-            return {
+            doc: dict[str, Any] = {
                 "resources": {
                     resource: {
                         "groups": {
@@ -665,6 +667,17 @@ class SeatBoard:
                     for resource, groups in snapshot.groups.items()
                 }
             }
+            if self._set_aside:
+                doc["setAsideGpus"] = _set_aside_document(self._set_aside)
+            return doc
+
+    def set_aside_gpus(self, gpus: Sequence[SetAsideGpu]) -> None:
+        """The GPUs discovery found but the plugin does not serve (status shows why)."""
+        with self._lock:
+            if tuple(gpus) == self._set_aside:
+                return
+            self._set_aside = tuple(gpus)
+            self._save()
 
     def _state_fields(self) -> dict[str, str]:
         """The state document (the status shape with ledger detail, the retired seats'
@@ -698,6 +711,8 @@ class SeatBoard:
             fields["generationFloor"] = encode(self._ledger.floor)
         if self._awaiting_list:
             fields["awaitingList"] = encode(True)
+        if self._set_aside:
+            fields["setAsideGpus"] = encode(_set_aside_document(self._set_aside))
         return fields
 
     def _group_document(
@@ -959,6 +974,10 @@ class SeatBoard:
             self._write_locked(self._store)
         except OSError as exc:
             log.error("could not save the seat ledger to %s: %s", self._store.path, exc)
+
+
+def _set_aside_document(gpus: Sequence[SetAsideGpu]) -> list[dict[str, Any]]:
+    return [{"index": g.index, "uuid": g.uuid, "why": g.why} for g in gpus]
 
 
 def _held_over_pins(layout: Layout) -> dict[int, list[tuple[str, tuple[int, ...]]]]:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from pkg.deviceplugin.nvml.backend import NvmlError, Probe, XidEvent
 from pkg.deviceplugin.nvml.topofile import normalize_pci_bus_id
-from pkg.deviceplugin.types import Gpu, Link, LinkKind, Topology
+from pkg.deviceplugin.types import Gpu, Link, LinkKind, SetAsideGpu, Topology
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,21 @@ _XID_CRITICAL_ERROR = 0x8  # nvmlEventTypeXidCriticalError
 _REMOTE_GPU, _REMOTE_SWITCH = 0x00, 0x02  # nvmlNvLinkDeviceType_t
 _NVML_ERROR_UNKNOWN = 999
 _FI_DEV_GET_GPU_RECOVERY_ACTION = 230  # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
+_DEVICE_MIG_ENABLE = 1  # NVML_DEVICE_MIG_ENABLE (current mode, nvmlDeviceGetMigMode)
 _AFFINITY_SCOPE_NODE = 0  # nvmlAffinityScope_t: NVML_AFFINITY_SCOPE_NODE
 _NODE_SET_WORDS = 4  # 64-bit words of a NUMA node set: nodes 0 to 255
 
 
 class _Unsupported(Exception):
     """The driver cannot answer this query on this GPU; try the next source."""
+
+
+class _SetAside(Exception):
+    """A GPU that answers but is not to be served whole (MIG enabled)."""
+
+    def __init__(self, gpu: SetAsideGpu) -> None:
+        super().__init__(gpu.why)
+        self.gpu = gpu
 
 
 @dataclass
@@ -81,6 +90,7 @@ class RealBackend:
         self._initialized = False
         self._failing: dict[int, str] = {}
         self._problems: list[str] = []
+        self._set_aside: list[SetAsideGpu] = []
         # Each GPU's NVML index by UUID, as discovery last found it (a GPU lost since keeps
         # its entry: NVML indices hold while the driver is loaded).
         self._index_of: dict[str, int] = {}
@@ -187,7 +197,9 @@ class RealBackend:
         if unanswered:
             links.update(self._from_smi(unanswered))
         self._report_problems(problems)
-        return Topology(tuple(d.gpu for d in devices), links)
+        with self._lock:
+            set_aside = tuple(self._set_aside)
+        return Topology(tuple(d.gpu for d in devices), links, set_aside)
 
     def _report_problems(self, problems: list[str]) -> None:
         """One warning when what NVML could not tell changed since the last discovery."""
@@ -227,18 +239,32 @@ class RealBackend:
         would be from a fresh enumeration, and the health checks take it from there."""
         devices: list[_Device] = []
         failing: dict[int, str] = {}
+        set_aside: list[SetAsideGpu] = []
         for index in range(count):
             try:
                 devices.append(self._device(index))
             except NvmlError as exc:
                 failing[index] = str(exc)
+            except _SetAside as aside:
+                set_aside.append(aside.gpu)
         with self._lock:
             changed = failing.keys() != self._failing.keys()
             self._failing = failing
             self._index_of.update((d.gpu.uuid, d.gpu.index) for d in devices)
+            aside_changed = set_aside != self._set_aside
+            self._set_aside = set_aside
         if changed:
             for index, reason in failing.items():
                 log.warning("leaving GPU %d out of discovery: %s", index, reason)
+        if aside_changed:
+            for gpu in set_aside:
+                log.warning(
+                    "GPU %d (%s) is not served: %s",
+                    gpu.index,
+                    gpu.uuid,
+                    gpu.why,
+                    extra={"gpu": gpu.index},
+                )
         return devices
 
     def _device(self, index: int) -> _Device:
@@ -250,10 +276,22 @@ class RealBackend:
             bus_id = normalize_pci_bus_id(_text(pci.busId))
         except ValueError as exc:
             raise NvmlError(f"NVML {what}: {exc}") from exc
+        uuid = _text(self._required(f"{what} UUID", nvml.nvmlDeviceGetUUID, handle))
+        # Before memory info: on a MIG-enabled GPU that needs privileges the DaemonSet
+        # does not have (NVIDIA_MIG_MONITOR_DEVICES), and would hide the GPU silently.
+        if self._mig_enabled(what, handle):
+            raise _SetAside(
+                SetAsideGpu(
+                    index,
+                    uuid,
+                    "MIG is enabled: its instances are not whole GPUs, and this plugin hands "
+                    f"out whole GPUs (nvidia-smi -i {index} -mig 0, then a GPU reset, to serve it)",
+                )
+            )
         memory = self._required(f"{what} memory info", nvml.nvmlDeviceGetMemoryInfo, handle)
         gpu = Gpu(
             index=index,
-            uuid=_text(self._required(f"{what} UUID", nvml.nvmlDeviceGetUUID, handle)),
+            uuid=uuid,
             name=_text(self._required(f"{what} name", nvml.nvmlDeviceGetName, handle)),
             memory_mib=int(memory.total) // _MIB,
             pci_bus_id=bus_id,
@@ -263,6 +301,13 @@ class RealBackend:
             numa_node=self._numa_node(what, handle, bus_id),
         )
         return _Device(gpu, handle)
+
+    def _mig_enabled(self, what: str, handle: object) -> bool:
+        query = getattr(self._nvml, "nvmlDeviceGetMigMode", None)
+        if query is None:
+            return False
+        mode = self._optional(f"{what} MIG mode", query, handle)  # Not Supported: no MIG
+        return mode is not None and int(mode[0]) == _DEVICE_MIG_ENABLE
 
     def _numa_node(self, what: str, handle: object, bus_id: str) -> int | None:
         """The CPU-side NUMA node of the GPU, what the kubelet aligns CPUs and memory to:

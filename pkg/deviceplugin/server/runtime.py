@@ -137,9 +137,11 @@ def merge_topology(known: Topology, fresh: Topology) -> tuple[Topology, list[int
         if set(pair) <= seen and pair not in known.links
     }
     if not added and not learned:
-        return known, []
+        if fresh.set_aside == known.set_aside:
+            return known, []
+        return Topology(known.gpus, known.links, fresh.set_aside), []
     kept = {pair: link for pair, link in known.links.items() if not set(pair) & taken}
-    return Topology(tuple(gpus), {**kept, **learned}), [g.index for g in added]
+    return Topology(tuple(gpus), {**kept, **learned}, fresh.set_aside), [g.index for g in added]
 
 
 class Runtime:
@@ -169,6 +171,7 @@ class Runtime:
             handoff_s=config.handoff_window,
             dev_root=dev_root,
         )
+        self.board.set_aside_gpus(discovered.set_aside)
         held = {i for groups in self.board.held_groups().values() for _, m in groups for i in m}
         restored = self._with_lost_gpus(self.topology, held)
         if restored is not self.topology:
@@ -296,10 +299,13 @@ class Runtime:
             merged, added = merge_topology(self.topology, fresh)
             if merged is self.topology:
                 return
+            learned = merged.links != self.topology.links
             self.topology = merged
+            self.board.set_aside_gpus(fresh.set_aside)
             topocache.save(self.config.state_dir, merged)
             if not added:
-                log.info("topology refresh learned links between GPUs it sees again")
+                if learned:
+                    log.info("topology refresh learned links between GPUs it sees again")
                 return
             for index in added:
                 log.info("GPU %s appeared", index, extra={"gpu": index})

@@ -93,4 +93,4 @@ def restore(cached: Topology, fresh: Topology, needed: Set[int]) -> tuple[Topolo
     for (a, b), link in cached.links.items():
         if (a in back or b in back) and {a, b} <= back | same:
             links[(a, b)] = link
-    return Topology((*fresh.gpus, *restored), links), restored
+    return Topology((*fresh.gpus, *restored), links, fresh.set_aside), restored

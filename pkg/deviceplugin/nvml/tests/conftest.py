@@ -72,6 +72,8 @@ class FakeNvml:
     spoils_registration: set[int] = field(default_factory=set)
     gpu_memory_nodes: dict[int, int] = field(default_factory=dict)
     recovery_actions: dict[int, int] = field(default_factory=dict)
+    mig_modes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    mig_monitor: bool = False
     in_set: set[int] = field(default_factory=set)
     remote_bus: str | None = None
     as_bytes: bool = False
@@ -153,7 +155,17 @@ class FakeNvml:
     def nvmlDeviceGetName(self, h: Handle) -> str | bytes:
         return self._s(self.topo.gpu(h.index).name)
 
+    def nvmlDeviceGetMigMode(self, h: Handle) -> list[int]:
+        """(current, pending); Not Supported on GPUs without MIG (the default here)."""
+        if h.index not in self.mig_modes:
+            raise error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return list(self.mig_modes[h.index])
+
     def nvmlDeviceGetMemoryInfo(self, h: Handle) -> Memory:
+        if self.mig_modes.get(h.index, (0, 0))[0] == 1 and not self.mig_monitor:
+            # NVIDIA device plugin issue 399: "Insufficient Permissions" without
+            # NVIDIA_MIG_MONITOR_DEVICES=all in the container
+            raise error(pynvml.NVML_ERROR_NO_PERMISSION)
         return Memory(self.topo.gpu(h.index).memory_mib << 20)
 
     def nvmlDeviceGetPciInfo(self, h: Handle) -> Pci:

@@ -435,3 +435,24 @@ def test_a_probe_carries_the_drivers_recovery_action_where_it_has_one(
     fake.missing.add("nvmlDeviceGetFieldValues")
     probe = real.probe(fake.topo.gpu(1).uuid)
     assert (probe.ok, probe.recovery_action) == (True, None)
+
+
+def test_a_mig_enabled_gpu_is_set_aside_with_its_reason_and_one_warning(
+    make_fake: MakeFake, sysfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its memory info needs a privilege the DaemonSet may lack (NVIDIA's plugin issue
+    # 399): it was left out as "failing" and probed forever; nothing read the MIG mode,
+    # so with the privilege it was served whole.
+    fake = make_fake("dgx-a100", mig_modes={i: (0, 0) for i in range(8)} | {3: (1, 1), 5: (0, 1)})
+    real = backend(fake, sysfs)
+    topo = real.discover()
+    assert topo.indices == (0, 1, 2, 4, 5, 6, 7)  # 5: MIG only pending, a whole GPU until reset
+    [aside] = topo.set_aside
+    assert (aside.index, aside.uuid) == (3, fake.topo.gpu(3).uuid)
+    assert aside.why.startswith("MIG is enabled") and "nvidia-smi -i 3 -mig 0" in aside.why
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"GPU 3 ({aside.uuid}) is not served: {aside.why}"]
+    caplog.clear()
+    fake.mig_monitor = True  # with NVIDIA_MIG_MONITOR_DEVICES=all: still set aside
+    assert real.discover().set_aside == (aside,)
+    assert not caplog.records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pkg.deviceplugin import logs
+from pkg.deviceplugin import logs, report
 from pkg.deviceplugin.allocator.layout import LayoutError
 from pkg.deviceplugin.allocator.tests.support import four_gpus_in_nvlink_pairs
 from pkg.deviceplugin.nvml import fixtures
@@ -19,7 +20,7 @@ from pkg.deviceplugin.nvml.backend import XidEvent
 from pkg.deviceplugin.nvml.mock import MockBackend
 from pkg.deviceplugin.nvml.topofile import load_topology_file
 from pkg.deviceplugin.server.runtime import ConfigSource, Runtime, merge_topology
-from pkg.deviceplugin.types import Topology
+from pkg.deviceplugin.types import SetAsideGpu, Topology
 
 PROFILES = "profiles:\n  - resource: kyb.ai/gpu-1x-seat\n    seatsPerGroup: 2\n"
 
@@ -202,3 +203,38 @@ def test_a_topology_refresh_survives_any_exception_and_keeps_the_topology(
     runtime.refresh_topology()
     assert runtime.topology is before
     assert "topology refresh failed (unparseable bus ID 'x')" in caplog.text
+
+
+class _OneMigGpu(MockBackend):
+    """pcie-2numa-4 whose GPU 3 discovery sets aside (MIG enabled), as RealBackend does."""
+
+    def discover(self) -> Topology:
+        topo = super().discover()
+        gpu = topo.gpu(3)
+        return Topology(
+            tuple(g for g in topo.gpus if g.index != 3),
+            {pair: link for pair, link in topo.links.items() if 3 not in pair},
+            (SetAsideGpu(3, gpu.uuid, "MIG is enabled: ..."),),
+        )
+
+
+def test_a_set_aside_gpu_shows_in_status_the_state_file_and_plan(root: Path) -> None:
+    config = root / "config.yaml"
+    config.write_text(base(root))
+    source = ConfigSource(config, {"kubeletDir": str(root / "dp")})
+    backend = _OneMigGpu.from_name_or_path("pcie-2numa-4")
+    rt = Runtime(source.load(), backend, source=source)
+    try:
+        shown = [
+            {"index": 3, "uuid": backend.discover().set_aside[0].uuid, "why": "MIG is enabled: ..."}
+        ]
+        assert rt.board.status()["setAsideGpus"] == shown
+        saved = json.loads((root / "state" / "state.json").read_text())
+        assert report.status_view(saved)["setAsideGpus"] == shown
+        assert not any(3 in g.indices for _, g in rt.board.layout.groups())
+        out = io.StringIO()
+        report.print_seat_map(report.status_view(saved), out)
+        assert f"GPU 3 ({shown[0]['uuid']}) not served: MIG is enabled: ..." in out.getvalue()
+        assert report.plan_document(rt.config, backend.discover())["setAsideGpus"] == shown
+    finally:
+        rt.stop()
