@@ -12,6 +12,7 @@
  * "unknown" makes that query return NVML_ERROR_UNKNOWN, which nvml.h documents for both
  * ("an error has occurred in underlying topology discovery").
  *   xid <gpu> <atMs> <xid> <recoveryAction|-1>     (-1: the driver has no such field)
+ *   mig <gpu> <current> <pending>                  (MIG mode; without it Not Supported)
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -27,6 +28,7 @@ enum {
     NVML_ERROR_NOT_SUPPORTED = 3,
     NVML_ERROR_NOT_FOUND = 6,
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
+    NVML_ERROR_NO_PERMISSION = 4,
     NVML_ERROR_TIMEOUT = 10,
     NVML_ERROR_GPU_IS_LOST = 15,
     NVML_ERROR_UNKNOWN = 999,
@@ -47,6 +49,7 @@ typedef struct {
     char uuid[TEXT];
     char name[TEXT];
     long long lost_at, back_at;
+    int mig_current, mig_pending; /* -1: the GPU has no MIG (Not Supported) */
     int nports;
     unsigned port_type[MAX_PORTS];
     char port_bus[MAX_PORTS][32];
@@ -109,6 +112,7 @@ static int load(const char *path) {
             if (sscanf(line, "gpu %u %d %llu %31s %95s %lld %lld %n", &g->minor, &g->numa,
                        &g->memory_mib, g->bus_id, g->uuid, &g->lost_at, &g->back_at, &n) >= 7) {
                 snprintf(g->name, TEXT, "%s", line + n);
+                g->mig_current = g->mig_pending = -1;
                 ngpus++;
             }
         } else if (sscanf(line, "level %d %d %n", &a, &b, &n) == 2 && a >= 0 && b >= 0 &&
@@ -121,6 +125,9 @@ static int load(const char *path) {
             gpu_t *g = &gpus[a];
             g->port_type[g->nports] = u;
             snprintf(g->port_bus[g->nports++], 32, "%s", bus);
+        } else if (sscanf(line, "mig %d %d %d", &a, &b, &n) == 3 && a >= 0 && a < ngpus) {
+            gpus[a].mig_current = b;
+            gpus[a].mig_pending = n;
         } else if (sscanf(line, "xid %d %lld %llu %d", &a, &at, &x, &b) == 4 && nxids < MAX_XIDS) {
             xids[nxids++] = (xid_t){a, at, x, 0, b};
         }
@@ -173,6 +180,7 @@ const char *nvmlErrorString(nvmlReturn_t result) {
     case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
     case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
     case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_NO_PERMISSION: return "Insufficient Permissions";
     case NVML_ERROR_NOT_FOUND: return "Not Found";
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
     case NVML_ERROR_TIMEOUT: return "Timeout";
@@ -225,8 +233,19 @@ nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *name, unsigned length) {
     return copy_text(name, length, d->name);
 }
 
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned *current, unsigned *pending) {
+    CHECK_DEVICE(d);
+    if (d->mig_current < 0) return NVML_ERROR_NOT_SUPPORTED;
+    *current = (unsigned)d->mig_current;
+    *pending = (unsigned)d->mig_pending;
+    return NVML_SUCCESS;
+}
+
+/* On a MIG-enabled GPU, memory info needs the MIG monitor capability, which a container
+ * has only with NVIDIA_MIG_MONITOR_DEVICES=all (NVIDIA's device plugin, issue 399). */
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *memory) {
     CHECK_DEVICE(d);
+    if (d->mig_current == 1 && !getenv("KYB_NVML_MOCK_MIG_MONITOR")) return NVML_ERROR_NO_PERMISSION;
     memory->total = d->memory_mib << 20;
     memory->used = 0;
     memory->free = memory->total;

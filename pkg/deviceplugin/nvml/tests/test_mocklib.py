@@ -163,3 +163,13 @@ def test_the_recovery_action_field_reads_what_the_last_xid_scripted(
     assert real.probe(uuid).recovery_action is None  # no XID yet: Not Supported
     assert real.wait_xid_events(2.0) == [XidEvent(uuid, 79)]
     assert real.probe(uuid).recovery_action == 1
+
+
+def test_a_mig_enabled_gpu_is_set_aside_through_the_c_mock(serve: Serve, tmp_path: Path) -> None:
+    real = serve("dgx-a100")
+    data = tmp_path / "nvml-mock.txt"  # read at nvmlInit, the first discovery's
+    data.write_text(data.read_text() + "mig 3 1 1\nmig 5 0 1\n")
+    topo = real.discover()
+    assert topo.indices == (0, 1, 2, 4, 5, 6, 7)
+    assert [g.index for g in topo.set_aside] == [3]
+    assert "MIG is enabled" in topo.set_aside[0].why
