@@ -400,33 +400,14 @@ def _allocate_latency(
     rows += _floor_rows(
         section, node_name, "seen-holder repeat", seen_samples["seen"], seen_samples
     )
-    rows += _latency_rows(
-        section,
-        node_name,
-        "honest floor (echo + journal line)",
-        new_samples["floor"],
-        new_samples["echo"],
-        None,
-        None,
-    )
-    rows += _latency_rows(
-        section,
-        node_name,
-        "durable journal line (StateStore.append)",
-        new_samples["append"],
-        new_samples["echo"],
-        None,
-        None,
-    )
-    rows += _latency_rows(
-        section,
-        node_name,
-        f"durable state write ({len(payload) / 1e3:.0f} kB, StateStore.write, behind)",
-        new_samples["write"],
-        new_samples["echo"],
-        None,
-        None,
-    )
+    for figure, key in (
+        ("honest floor (echo + journal line)", "floor"),
+        ("durable journal line (StateStore.append)", "append"),
+        (f"durable state write ({len(payload) / 1e3:.0f} kB, StateStore.write, behind)", "write"),
+    ):
+        rows += _latency_rows(
+            section, node_name, figure, new_samples[key], new_samples["echo"], None, None
+        )
     disk.close()
     return rows
 

@@ -11,22 +11,25 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from pkg.deviceplugin.allocator import board as board_mod
 from pkg.deviceplugin.allocator import store as store_mod
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, Holder, floor_after_loss
-from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore
+from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import (
     R1,
     R2,
     Clock,
     WritesBehind,
-    model_examples,
     seed_layout,
 )
-from pkg.deviceplugin.allocator.tests.test_store import damaged_bytes
+from pkg.deviceplugin.allocator.tests.test_store import (
+    FUZZ,
+    assert_generations_fit,
+    damaged_bytes,
+)
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 WALL = 1_800_000_000.0
@@ -235,17 +238,8 @@ def test_a_long_journal_is_emptied_by_the_next_binding(
     assert saved_state(tmp_path, R1, "G0", "G0-s2") == "held"
 
 
-@settings(
-    max_examples=model_examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@FUZZ
 @given(damaged_bytes(journaled()[1]))
 def test_no_bytes_in_the_journal_stop_the_board(content: bytes) -> None:
     with tempfile.TemporaryDirectory() as scratch:
-        board = restored_from(Path(scratch), content)
-        shown = [
-            seat["generation"]
-            for body in board.status()["resources"].values()
-            for group in body["groups"].values()
-            for seat in group["seats"].values()
-        ]
-        assert shown and all(0 <= g <= MAX_GENERATION for g in shown)
+        assert_generations_fit(restored_from(Path(scratch), content))

@@ -296,14 +296,18 @@ def assert_loads_and_restores(content: bytes) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         store = StateStore(Path(scratch))
         store.path.write_bytes(content)
-        board = SeatBoard(seed_layout(), Policy(), store, release_grace_s=60)
-        shown = [
-            seat["generation"]
-            for body in board.status()["resources"].values()
-            for group in body["groups"].values()
-            for seat in group["seats"].values()
-        ]
-        assert shown and all(0 <= g <= MAX_GENERATION for g in shown)
+        assert_generations_fit(SeatBoard(seed_layout(), Policy(), store, release_grace_s=60))
+
+
+def assert_generations_fit(board: SeatBoard) -> None:
+    """The board shows seats, every generation in 0..int64."""
+    shown = [
+        seat["generation"]
+        for body in board.status()["resources"].values()
+        for group in body["groups"].values()
+        for seat in group["seats"].values()
+    ]
+    assert shown and all(0 <= g <= MAX_GENERATION for g in shown)
 
 
 FUZZ = settings(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -42,6 +41,26 @@ class Changes:
 
     def __call__(self, unhealthy: Mapping[str, str]) -> None:
         self.calls.append(dict(unhealthy))
+
+
+class WatchedChanges(Changes):
+    """``Changes`` that a test can wait on while the monitor's threads run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = threading.Condition()
+
+    def __call__(self, unhealthy: Mapping[str, str]) -> None:
+        with self._changed:
+            super().__call__(unhealthy)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[dict[str, str]], bool], timeout: float = 3.0) -> None:
+        """Until one change so far (the monitor's calls, in order) satisfies ``predicate``."""
+        with self._changed:
+            assert self._changed.wait_for(
+                lambda: any(predicate(c) for c in self.calls), timeout=timeout
+            ), self.calls
 
 
 def two_gpu_file(tmp_path: Path, faults: str) -> Path:
@@ -408,22 +427,12 @@ def test_threads_report_a_lost_gpu_and_an_xid_and_stop_promptly(tmp_path: Path) 
         )
     )
     gpus = backend.discover().gpus
-    seen: list[dict[str, str]] = []
-    changed = threading.Condition()
-
-    def on_change(unhealthy: Mapping[str, str]) -> None:
-        with changed:
-            seen.append(dict(unhealthy))
-            changed.notify_all()
-
-    def wait_for(predicate: Any) -> None:
-        with changed:
-            assert changed.wait_for(lambda: any(predicate(s) for s in seen), timeout=3.0), seen
-
+    changes = WatchedChanges()
+    wait_for = changes.wait_for
     monitor = HealthMonitor(
         backend,
         lambda: gpus,
-        on_change,
+        changes,
         probe_interval_s=0.02,
         healthy_after=2,
         ignored_xids=(),
@@ -460,18 +469,11 @@ def test_a_failed_xid_wait_makes_every_gpu_unhealthy_until_its_probes_pass(
     # log line, and nothing marked.
     backend = _WaitFailsOnce(load_topology_file(two_gpu_file(tmp_path, "  []\n")))
     gpus = backend.discover().gpus
-    seen: list[dict[str, str]] = []
-    changed = threading.Condition()
-
-    def on_change(unhealthy: Mapping[str, str]) -> None:
-        with changed:
-            seen.append(dict(unhealthy))
-            changed.notify_all()
-
+    changes = WatchedChanges()
     monitor = HealthMonitor(
         backend,
         lambda: gpus,
-        on_change,
+        changes,
         probe_interval_s=0.05,
         healthy_after=2,
         ignored_xids=(),
@@ -479,12 +481,9 @@ def test_a_failed_xid_wait_makes_every_gpu_unhealthy_until_its_probes_pass(
     )
     monitor.start()
     try:
-        with changed:
-            reason = "XID events could not be read (NVML event wait: GPU is lost)"
-            assert changed.wait_for(
-                lambda: {UUIDS[0]: reason, UUIDS[1]: reason} in seen, timeout=3.0
-            ), seen
-            assert changed.wait_for(lambda: seen[-1] == {}, timeout=3.0), seen
+        reason = "XID events could not be read (NVML event wait: GPU is lost)"
+        changes.wait_for(lambda seen: seen == {UUIDS[0]: reason, UUIDS[1]: reason})
+        changes.wait_for(lambda seen: seen == {})  # after it, back through its probes
     finally:
         monitor.stop()
         backend.close()
