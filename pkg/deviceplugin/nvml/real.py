@@ -306,7 +306,11 @@ class RealBackend:
         query = getattr(self._nvml, "nvmlDeviceGetMigMode", None)
         if query is None:
             return False
-        mode = self._optional(f"{what} MIG mode", query, handle)  # Not Supported: no MIG
+        try:
+            mode = self._optional(f"{what} MIG mode", query, handle)  # Not Supported: no MIG
+        except NvmlError as exc:  # the queries after it tell whether the GPU answers
+            log.debug("%s", exc)
+            return False
         return mode is not None and int(mode[0]) == _DEVICE_MIG_ENABLE
 
     def _numa_node(self, what: str, handle: object, bus_id: str) -> int | None:
