@@ -15,16 +15,14 @@ from pkg.deviceplugin.types import Topology
 def plan_document(config: Config, topology: Topology) -> dict[str, Any]:
     """The status shape for a fresh node (every seat free, generation 0) plus group links."""
     layout = runtime.build_layout(config, topology)
-    doc = SeatBoard(layout, Policy(), None, release_grace_s=config.release_grace_period).status()
+    board = SeatBoard(layout, Policy(), None, release_grace_s=config.release_grace_period)
+    board.set_aside_gpus(topology.set_aside)
+    doc = board.status()
     for resource, group in layout.groups():
         entry = doc["resources"][resource]["groups"][group.name]
         entry["links"] = {
             f"{a}-{b}": topology.link(a, b).word for a, b in combinations(group.indices, 2)
         }
-    if topology.set_aside:
-        doc["setAsideGpus"] = [
-            {"index": g.index, "uuid": g.uuid, "why": g.why} for g in topology.set_aside
-        ]
     return doc
 
 

@@ -122,6 +122,12 @@ class DamagedFile(Exception):
 def read_json(path: Path) -> object:
     """The JSON value in ``path``: ``FileNotFoundError`` when there is none,
     :class:`DamagedFile` for anything else that keeps it from being one."""
+    return parse_json(read_bounded(path))
+
+
+def read_bounded(path: Path) -> bytes:
+    """The bytes of ``path``: ``FileNotFoundError`` when there is none,
+    :class:`DamagedFile` when it cannot be read or is over :data:`MAX_FILE_BYTES`."""
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
@@ -131,7 +137,7 @@ def read_json(path: Path) -> object:
         raise DamagedFile(f"unreadable ({exc.strerror or exc})") from None
     if len(data) > MAX_FILE_BYTES:
         raise DamagedFile(f"larger than {MAX_FILE_BYTES} bytes")
-    return parse_json(data)
+    return data
 
 
 def parse_json(data: bytes) -> object:
@@ -257,15 +263,11 @@ class StateStore:
     def _replay(self, doc: dict[str, Any], damaged: list[str]) -> None:
         """Apply the journal's lines to ``doc`` (see the module docstring)."""
         try:
-            with open(self.journal_path, "rb") as handle:
-                data = handle.read(MAX_FILE_BYTES + 1)
+            data = read_bounded(self.journal_path)
         except FileNotFoundError:
             return
-        except OSError as exc:
-            self._journal_damaged(f"unreadable ({exc.strerror or exc})", damaged)
-            return
-        if len(data) > MAX_FILE_BYTES:
-            self._journal_damaged(f"larger than {MAX_FILE_BYTES} bytes", damaged)
+        except DamagedFile as exc:
+            self._journal_damaged(str(exc), damaged)
             return
         *lines, torn = data.split(b"\n")
         if torn:
