@@ -191,7 +191,7 @@ def test_the_venv_holds_runtime_dependencies_only(image: ImageRoot) -> None:
     found = image.run(["python", "-c", present, *_DEV_ONLY])
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == []
-    imports = "import grpc, pynvml, pydantic, jinja2, yaml, prometheus_client"
+    imports = "import grpc, pynvml, pydantic, jinja2, yaml, prometheus_client, inotify_simple"
     runtime = image.run(["python", "-c", imports])
     assert runtime.returncode == 0, runtime.stderr
 

@@ -2,8 +2,13 @@
 
 The kubelet may be absent at start, may restart at any time (it wipes the socket
 directory and creates a new ``kubelet.sock``), and may be slow. A watch loop checks
-every ``WATCH_INTERVAL_S`` that each profile's socket is still ours and that
-``kubelet.sock`` is the one we registered with; otherwise it re-serves and re-registers.
+that each profile's socket is still ours and that ``kubelet.sock`` is the one we
+registered with; otherwise it re-serves and re-registers. It runs every
+``WATCH_INTERVAL_S`` and at once when an entry of the kubelet's directory appears,
+goes or is renamed (inotify): a restarted kubelet re-admits its running pods within
+about 100 ms of serving ``kubelet.sock``, and refuses (and so kills) a pod whose init
+container holds one of our seats unless the profile is registered by then (README,
+"Kubelet restarts"; kubernetes issues 124345 and 138446).
 Registration retries back off up to ``MAX_BACKOFF_S``; a new ``kubelet.sock`` resets the
 backoff so a restarted kubelet sees every profile again within a second.
 
@@ -31,8 +36,10 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import grpc
+from inotify_simple import INotify, flags
 
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc
@@ -65,6 +72,85 @@ def _inode(path: Path) -> int | None:
         return os.stat(path).st_ino
     except OSError:
         return None
+
+
+class DirWatch:
+    """Waits until an entry of a directory appears, goes or is renamed, or a timeout.
+
+    Where inotify cannot watch the directory (absent, no inotify, out of watches) it
+    only sleeps; it tries again at every wait, so a directory created later is watched.
+    """
+
+    MASK = (
+        flags.CREATE
+        | flags.DELETE
+        | flags.MOVED_TO
+        | flags.MOVED_FROM
+        | flags.DELETE_SELF
+        | flags.MOVE_SELF
+    )
+    GONE = flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._inotify: INotify | None = None
+        self._watch: int | None = None
+        self._unavailable: str | None = None
+
+    def __enter__(self) -> DirWatch:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+            self._watch = None
+
+    @property
+    def watching(self) -> bool:
+        return self._watch is not None
+
+    def _arm(self) -> None:
+        try:
+            if self._inotify is None:
+                self._inotify = INotify()
+            self._watch = self._inotify.add_watch(self._path, self.MASK)
+        except OSError as exc:
+            # Absent directory: quietly, the next wait tries again. Anything else is
+            # said once: the loop still works, only a little later.
+            if not isinstance(exc, FileNotFoundError) and str(exc) != self._unavailable:
+                self._unavailable = str(exc)
+                log.warning(
+                    "cannot watch %s (%s); noticing kubelet restarts by polling every %gs",
+                    self._path,
+                    exc,
+                    WATCH_INTERVAL_S,
+                )
+            return
+        self._unavailable = None
+
+    def wait(self, timeout_s: float) -> bool:
+        """Blocks until the directory changed (True) or ``timeout_s`` passed (False)."""
+        if self._watch is None:
+            self._arm()
+        if self._inotify is None or self._watch is None:
+            time.sleep(timeout_s)
+            return False
+        events = self._inotify.read(timeout=max(0, round(timeout_s * 1000)))
+        if any(e.mask & self.GONE for e in events):
+            if not any(e.mask & flags.IGNORED for e in events):
+                with contextlib.suppress(OSError):
+                    self._inotify.rm_watch(self._watch)
+            self._watch = None  # the directory went: watch the new one at the next wait
+        return bool(events)
 
 
 @dataclass
@@ -167,9 +253,10 @@ class PluginManager:
         return all(not a.is_alive() for a in attempts)
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self.tick()
-            stop.wait(WATCH_INTERVAL_S)
+        with DirWatch(self._kubelet_dir) as watch:
+            while not stop.is_set():
+                self.tick()
+                watch.wait(WATCH_INTERVAL_S)
 
     def stop(self) -> None:
         with self._lock:

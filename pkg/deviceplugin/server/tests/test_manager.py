@@ -13,7 +13,8 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.kubeletsim.simulator import KubeletSimulator
 from pkg.deviceplugin.server import registration
-from pkg.deviceplugin.server.manager import PluginManager
+from pkg.deviceplugin.server.manager import DirWatch, PluginManager
 from pkg.deviceplugin.types import socket_name_of
 
 RESOURCES = (R1, R2)
@@ -223,3 +224,66 @@ def test_allocate_still_answers_while_two_more_streams_hold_workers(make_node) -
     finally:
         for channel in channels:
             channel.close()
+
+
+# ---- the watch loop's wake-ups (DirWatch) ---------------------------------------------
+# A restarted kubelet re-admits its running pods about 70 ms after serving kubelet.sock
+# and kills a pod whose init container holds a seat of a profile not registered by then
+# (conformance/kubelet/README.md, "Kubelet restarts"): the loop must not sleep through
+# the kubelet's socket appearing.
+
+
+def _wait_returns_within(watch: DirWatch, change: Callable[[], None], limit_s: float) -> bool:
+    """True when ``watch.wait`` (given 5 s) returned within ``limit_s`` of ``change``."""
+    woke: list[float] = []
+
+    def waiter() -> None:
+        watch.wait(5.0)
+        woke.append(time.monotonic())
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.1)  # the waiter is blocked
+    changed = time.monotonic()
+    change()
+    thread.join(6)
+    return bool(woke) and woke[0] - changed < limit_s
+
+
+@pytest.mark.parametrize("event", ["create", "delete", "rename"])
+def test_the_watch_wakes_when_an_entry_of_the_kubelet_dir_changes(
+    tmp_path: Path, event: str
+) -> None:
+    (tmp_path / "old.sock").touch()
+    actions = {
+        "create": lambda: (tmp_path / "kubelet.sock").touch(),
+        "delete": lambda: (tmp_path / "old.sock").unlink(),
+        "rename": lambda: (tmp_path / "old.sock").rename(tmp_path / "kubelet.sock"),
+    }
+    with DirWatch(tmp_path) as watch:
+        watch.wait(0)  # arms the watch
+        assert watch.watching
+        assert _wait_returns_within(watch, actions[event], 1.0)
+
+
+def test_the_watch_follows_a_kubelet_dir_that_is_created_late_or_replaced(tmp_path: Path) -> None:
+    directory = tmp_path / "device-plugins"
+    with DirWatch(directory) as watch:
+        assert not watch.wait(0.05) and not watch.watching  # absent: it only sleeps
+        directory.mkdir()
+        watch.wait(0)
+        assert watch.watching
+        assert _wait_returns_within(watch, lambda: shutil.rmtree(directory), 1.0)
+        watch.wait(0)
+        assert not watch.watching
+        directory.mkdir()
+        watch.wait(0)
+        assert watch.watching
+        assert _wait_returns_within(watch, lambda: (directory / "kubelet.sock").touch(), 1.0)
+
+
+def test_an_idle_watch_sleeps_its_whole_timeout(tmp_path: Path) -> None:
+    with DirWatch(tmp_path) as watch:
+        started = time.monotonic()
+        assert not watch.wait(0.3)
+        assert time.monotonic() - started >= 0.25
