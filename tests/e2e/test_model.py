@@ -249,6 +249,10 @@ class PluginModel(RuleBasedStateMachine):
         before = self._registrations()
         self.node.kubelet.restart()
         assert self.node.wait_registered(RESOURCES, after=before), self.node.log()
+        # Back before the re-admission: a pod whose init container holds a seat of a
+        # profile not registered by then is killed (no GPU is ever unhealthy here).
+        assert self.node.kubelet.wait_readmitted()
+        assert self.node.kubelet.killed == {}, self.node.log()
 
     @rule(before_start=st.sampled_from(["kept", "deleted", "corrupt", "version 2"]))
     def plugin_killed_and_restarted(self, before_start: str) -> None:

@@ -209,13 +209,31 @@ def test_holding_a_1x_seat_fences_the_2x_group_in_list_and_watch(serving: suppor
 def test_kubelet_restart_reregisters_every_profile_within_a_second(
     serving: support.Node,
 ) -> None:
+    """And before the restarted kubelet re-admits its running pods (70 ms after its
+    new kubelet.sock): it kills a pod whose init container holds a seat of a profile
+    not registered by then (conformance/kubelet/README.md, "The real kubelet binary")."""
+    held = [r for r in RESOURCES if expected_seats(r)]
+    for resource in held:
+        serving.kubelet.admit(
+            f"init-{group_size_of(resource)}x",
+            [ContainerSpec("app", {resource: 1})],
+            init_containers=[ContainerSpec("init", {resource: 1})],
+        )
+    # Held seats fence others (pushed over ListAndWatch after each Allocate): what
+    # the kubelet is offered with the pods running.
+    time.sleep(0.3)
+    offered = {r: len(serving.kubelet.healthy(r)) for r in RESOURCES}
     before = {r: serving.kubelet.endpoints[r].registrations for r in RESOURCES}
     started = time.monotonic()
     serving.kubelet.restart()
     assert serving.wait_registered(RESOURCES, timeout=3.0, after=before), serving.log()
     assert time.monotonic() - started < 1.0, serving.log()
-    for resource in RESOURCES:
-        assert len(serving.kubelet.healthy(resource)) == expected_seats(resource)
+    assert serving.kubelet.wait_readmitted()
+    assert serving.kubelet.killed == {}, serving.log()
+    assert len(serving.kubelet.pods) == len(held)
+    assert serving.kubelet.wait_for(
+        lambda: {r: len(serving.kubelet.healthy(r)) for r in RESOURCES} == offered, 2.0
+    ), serving.log()
 
 
 @pytest.mark.e2e

@@ -328,3 +328,49 @@ def test_a_container_with_two_resources_sees_one_answer_per_duplicate_key(
     finally:
         other.stopped.set()
         server.stop(grace=None)
+
+
+def _listed(world: World) -> list[str]:
+    with grpc.insecure_channel(f"unix://{world.kubelet.pod_resources_socket}") as channel:
+        reply = pr_grpc.PodResourcesListerStub(channel).List(
+            pr_pb2.ListPodResourcesRequest(), timeout=5
+        )
+    return sorted(p.name for p in reply.pod_resources)
+
+
+@pytest.mark.parametrize("plugin_back_first", [True, False], ids=["back-first", "back-late"])
+def test_a_restart_readmits_running_pods_and_kills_init_holders_without_healthy_devices(
+    world: World, plugin_back_first: bool
+) -> None:
+    """As the kubelet binary did (conformance/kubelet/README.md, "The real kubelet
+    binary"): List shows no pod until the re-admission; a running app container is let
+    be, an exited init container's devices are checked again and need a registered,
+    healthy resource by then (kubernetes issues 124345, 138446)."""
+    world.serve_plugin()
+    world.register()
+    assert world.wait_devices(len(DEVICES))
+    world.kubelet.admit("app-only", containers=[ContainerSpec("main", {RESOURCE: 1})])
+    world.kubelet.admit(
+        "with-init",
+        containers=[ContainerSpec("main", {RESOURCE: 1})],
+        init_containers=[ContainerSpec("init", {RESOURCE: 1})],
+    )
+    assert _listed(world) == ["app-only", "with-init"]
+
+    world.kubelet.restart(readmit_after_s=0.5 if plugin_back_first else 0.0)
+    if plugin_back_first:
+        assert _listed(world) == []  # answers before its pods are back
+        world.serve_plugin()  # the restart wiped the plugin's socket
+        world.register()
+        assert world.wait_devices(len(DEVICES))
+    assert world.kubelet.wait_readmitted()
+    if plugin_back_first:
+        assert _listed(world) == ["app-only", "with-init"]
+        assert world.kubelet.killed == {}
+    else:
+        assert _listed(world) == ["app-only"]
+        assert world.kubelet.killed == {
+            ("default", "with-init"): (
+                f"no healthy devices present; cannot allocate unhealthy devices {RESOURCE}"
+            )
+        }
