@@ -40,6 +40,10 @@ PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 NODE_NAME = "kyb-e2e"
 RESOURCES = ("kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat")
 KLOG_TIME = re.compile(r"^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+) ")
+DEVICE_COUNTS = re.compile(
+    r'"Processed device updates for resource" resourceName="(?P<resource>[^"]+)" '
+    r"totalCount=(?P<total>\d+) healthyCount=(?P<healthy>\d+)"
+)
 PRIVATE_MOUNTS = (
     "/var/lib/kubelet",
     "/var/log/containers",
@@ -210,6 +214,16 @@ class Node:
             if m:
                 h, mi, sec = m.groups()
                 out.append((int(h) * 3600 + int(mi) * 60 + float(sec), line))
+        return out
+
+    def device_counts(self, offset: int = 0) -> dict[str, tuple[int, int]]:
+        """Each resource's (capacity, allocatable) as the kubelet last logged them
+        (``Processed device updates``: total and healthy devices), from byte ``offset``."""
+        out: dict[str, tuple[int, int]] = {}
+        for _, line in self.kubelet_log_at(offset):
+            m = DEVICE_COUNTS.search(line)
+            if m:
+                out[m["resource"]] = (int(m["total"]), int(m["healthy"]))
         return out
 
     def kubelet_log_size(self) -> int:

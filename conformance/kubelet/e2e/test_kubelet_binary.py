@@ -109,6 +109,9 @@ def test_every_profile_registers(make_node: MakeNode) -> None:
     ids = start_registered(node)
     assert node.allocatable() == {r: v for r, v in ids.items() if v}, node.logs()
     assert len(ids[ONE_X]) == 32 and len(ids[TWO_X]) == 12  # dgx-a100's defaults
+    # Capacity and allocatable as the kubelet's device manager counts them.
+    counts = {r: (len(v), len(v)) for r, v in ids.items()}
+    assert harness.wait_until(lambda: node.device_counts() == counts, 5), node.device_counts()
 
 
 @pytest.mark.parametrize("strategy", ["envvar", "cdi"])
@@ -341,6 +344,10 @@ def test_more_seats_than_healthy_are_refused(make_node: MakeNode, tmp_path: Path
     assert sick
     healthy = node.wait_allocatable({TWO_X: total - len(sick)}, timeout=20)
     assert healthy is not None and healthy[TWO_X] == ids[TWO_X] - sick, node.logs()
+    # The kubelet's capacity keeps them; only its allocatable drops.
+    assert harness.wait_until(
+        lambda: node.device_counts().get(TWO_X) == (total, total - len(sick)), 5
+    ), node.device_counts()
 
     node.add_pod(pod_manifest("big", TWO_X, seats=total))
     pod = node.wait_phase("big", "Failed")
