@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2
 from pkg.deviceplugin.kubeletsim.simulator import ContainerSpec
-from tests.e2e import support
+from tests.e2e import hostile, support
 
 R1, R2, R4 = "kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat", "kyb.ai/gpu-4x-seat"
 BASE = f"""profiles:
@@ -123,6 +126,47 @@ def test_invalid_config_update_is_rejected_and_the_old_config_keeps_running(
     mount.publish("profiles:\n  - resource: kyb.ai/gpu-3x-seat\n    seatsPerGroup: 0\n")
     assert support.wait_until(lambda: "config rejected" in node.log(), 5.0), node.log()
     assert "keeping the running config" in node.log()
+    assert node.process is not None and node.process.poll() is None
+    assert {r: len(node.kubelet.healthy(r)) for r in (R1, R2)} == before
+    pod = node.kubelet.admit("still", [ContainerSpec("main", {R1: 1})])
+    assert pod.allocations["main"][0].response.envs["KYB_SEAT_GEN"] == "1"
+
+
+def test_a_hostile_config_reload_is_refused_in_one_line_and_serving_never_stalls(
+    mounted: tuple[support.Node, ConfigMapMount],
+) -> None:
+    """Issue 18: an alias bomb dropped into a running plugin's ConfigMap wedged serving
+    (every GetDevicePluginOptions probe timed out for 24 s, RSS up to 2.9 GB)."""
+    node, mount = mounted
+    before = {r: len(node.kubelet.healthy(r)) for r in (R1, R2)}
+    stalls: list[str] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        plugin = support.plugin_stub(node, R1)
+        while not done.is_set():
+            started = time.monotonic()
+            try:
+                plugin.GetDevicePluginOptions(api_pb2.Empty(), timeout=1.0)
+            except grpc.RpcError as exc:
+                stalls.append(f"{exc.code().name} after {time.monotonic() - started:.2f}s")
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for kind, text in sorted(hostile.HOSTILE_CONFIGS.items()):
+            rejected = node.log().count("keeping the running config")
+            mount.publish(text)
+            assert support.wait_until(
+                lambda r=rejected: node.log().count("keeping the running config") > r, 10.0
+            ), f"{kind}: not refused\n{node.log()[-3000:]}"
+            refusals = [ln for ln in node.log().splitlines() if "config rejected" in ln]
+            assert str(mount.path) in refusals[-1], refusals[-1]
+    finally:
+        done.set()
+        prober.join(5)
+    assert stalls == [], stalls
     assert node.process is not None and node.process.poll() is None
     assert {r: len(node.kubelet.healthy(r)) for r in (R1, R2)} == before
     pod = node.kubelet.admit("still", [ContainerSpec("main", {R1: 1})])

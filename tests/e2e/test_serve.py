@@ -18,7 +18,7 @@ from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2
 from pkg.deviceplugin.kubeletsim.simulator import AdmissionError, ContainerSpec
 from pkg.deviceplugin.topology import grouping
 from pkg.deviceplugin.types import group_size_of
-from tests.e2e import support
+from tests.e2e import hostile, support
 from tests.e2e.conftest import RESOURCES
 
 TOPOLOGY = support.topology_of()
@@ -596,3 +596,38 @@ def test_plugin_killed_and_terminated_amid_admissions_keeps_every_generation(
     for seat_id in held:
         assert bound[seat_id] == highest[seat_id]
         assert seats[seat_id]["state"] in ("held", "unhealthy")
+
+
+def _limit_memory() -> None:  # pragma: no cover - runs in the child
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.parametrize("kind", sorted(hostile.HOSTILE_CONFIGS))
+def test_a_hostile_config_exits_2_with_one_line_naming_the_file(kind: str) -> None:
+    """Issue 18: an alias bomb hung `plan` (4 GB, killed at 90 s), deep nesting exited 1
+    with RecursionError, a NUL byte added a second line without the file name."""
+    config = support.short_tmpdir() / "hostile.yaml"
+    config.write_text(hostile.HOSTILE_CONFIGS[kind])
+    done = subprocess.run(
+        [sys.executable, "-m", "cmd.kyb_device_plugin", "plan", "--config", str(config)],
+        cwd=support.REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KYB_NVML_MOCK": "dgx-a100"},
+        preexec_fn=_limit_memory,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and str(config) in lines[0], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["alias bomb", "5000-deep flow nesting"])
+def test_a_hostile_mock_topology_file_is_one_line(kind: str) -> None:
+    topology = support.short_tmpdir() / "hostile-topology.yaml"
+    topology.write_text(hostile.HOSTILE_CONFIGS[kind].replace("profiles", "gpus"))
+    done = run_cli("plan", "--nvml-mock", str(topology))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and str(topology) in lines[0], done.stderr

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from pkg.deviceplugin import boundedyaml
 from pkg.deviceplugin.config import flags
 from pkg.deviceplugin.config.model import Config, EntryProblems, Loc, builtin_default, loc_text
 
@@ -38,7 +39,12 @@ def load(path: Path | None = None, overrides: Mapping[str, str] | None = None) -
     """
     source = path if path is not None else DEFAULT_CONFIG_PATH
     try:
-        text = source.read_text(encoding="utf-8")
+        data = read_bounded(source)
+        if len(data) > boundedyaml.MAX_BYTES:
+            raise ConfigError(
+                [f"{source}: file is larger than the {boundedyaml.MAX_BYTES} bytes allowed"]
+            )
+        text = data.decode("utf-8")
     except FileNotFoundError:
         # A dangling symlink is a broken ConfigMap mount, not an absent config.
         if path is None and not source.is_symlink():
@@ -53,6 +59,13 @@ def load(path: Path | None = None, overrides: Mapping[str, str] | None = None) -
     except OSError as error:
         raise ConfigError([f"{source}: cannot read config file: {error.strerror}"]) from None
     return load_text(text, str(source), overrides)
+
+
+def read_bounded(path: Path) -> bytes:
+    """The file's first ``MAX_BYTES + 1`` bytes: enough to tell it is too large, and
+    never a whole multi-gigabyte file in memory."""
+    with open(path, "rb") as f:
+        return f.read(boundedyaml.MAX_BYTES + 1)
 
 
 def load_text(text: str, source_name: str, overrides: Mapping[str, str] | None = None) -> Config:
@@ -169,15 +182,12 @@ def _parse_yaml(text: str, source_name: str) -> Mapping[str, Any]:
     if tab_lines:
         raise ConfigError(tab_lines)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f"{source_name}:{mark.line + 1}:{mark.column + 1}" if mark else source_name
-        if error.problem and "'\\t'" in error.problem:
-            raise ConfigError([f"{where}: tab character where YAML needs a space"]) from None
-        raise ConfigError([f"{where}: invalid YAML: {error.problem}"]) from None
-    except yaml.YAMLError as error:
-        raise ConfigError([f"{source_name}: invalid YAML: {error}"]) from None
+        # Bounded: size, depth and alias expansion are checked before composing.
+        data = boundedyaml.load(text, source_name, _UniqueKeyLoader)
+    except boundedyaml.YamlError as error:
+        if "'\\t'" in error.problem:
+            raise ConfigError([f"{error.where}: tab character where YAML needs a space"]) from None
+        raise ConfigError([str(error)]) from None
     if data is None:
         raise ConfigError(
             [f"{source_name}: file is empty; expected a mapping with at least 'profiles'"]

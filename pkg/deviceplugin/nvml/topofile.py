@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,6 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from pkg.deviceplugin import boundedyaml
 from pkg.deviceplugin.nvml.backend import NvmlError
 from pkg.deviceplugin.types import Gpu, Link, LinkKind, Topology
 
@@ -323,14 +323,23 @@ def load_topology_file(path: str | Path) -> TopologyFile:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise TopologyFileError([f"{source}: cannot read: {reason}"]) from None
     try:
-        data = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
+        if source.endswith(".json"):
+            if len(text) > boundedyaml.MAX_BYTES:
+                raise TopologyFileError(
+                    [
+                        f"{source}: file is {len(text)} bytes, more than the "
+                        f"{boundedyaml.MAX_BYTES} allowed"
+                    ]
+                )
+            data = json.loads(text)
+        else:
+            data = boundedyaml.load(text, source)
     except json.JSONDecodeError as exc:
         raise TopologyFileError(
             [f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]
         ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TopologyFileError([f"{where}: invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise TopologyFileError([f"{source}: JSON nested too deeply"]) from None
+    except boundedyaml.YamlError as exc:
+        raise TopologyFileError([str(exc)]) from None
     return parse_topology_data(data, source)

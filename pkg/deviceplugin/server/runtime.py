@@ -112,7 +112,7 @@ class ConfigSource:
     def fingerprint(self) -> str | None:
         """A digest of the file's content now (through symlinks); None when unreadable."""
         try:
-            data = (self.path or loader.DEFAULT_CONFIG_PATH).read_bytes()
+            data = loader.read_bounded(self.path or loader.DEFAULT_CONFIG_PATH)
         except OSError:
             return None
         return hashlib.sha256(data).hexdigest()
