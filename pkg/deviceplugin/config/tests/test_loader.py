@@ -350,11 +350,11 @@ def test_an_unreadable_file_is_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # chmod cannot lock out root, which CI containers often are; fail the read instead.
-    def refuse(self: Path, encoding: str | None = None) -> str:
-        raise PermissionError(13, "Permission denied", str(self))
+    def refuse(path: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(path))
 
     path = write(tmp_path, SEED_EXAMPLE)
-    monkeypatch.setattr(Path, "read_text", refuse)
+    monkeypatch.setattr(loader, "read_bounded", refuse)
     with pytest.raises(ConfigError) as caught:
         load(path)
     assert caught.value.problems == [f"{path}: cannot read config file: Permission denied"]
