@@ -245,13 +245,26 @@ class SeatBoard:
     def seat_views(self, resource: ResourceName) -> dict[DeviceId, SeatView]:
         return dict(self._snapshot.seats.get(resource, {}))
 
-    def wait_for_change(self, since: int, timeout_s: float) -> int:
-        """Block until the version differs from ``since`` (or timeout, or close)."""
+    def wait_for_change(
+        self, since: int, timeout_s: float, until: Callable[[], bool] | None = None
+    ) -> int:
+        """Block until the version differs from ``since``, the board closes, ``until()``
+        holds (checked whenever the board is woken), or ``timeout_s`` passes."""
         with self._changed:
             self._changed.wait_for(
-                lambda: self._snapshot.version != since or self._closed, timeout_s
+                lambda: (
+                    self._snapshot.version != since
+                    or self._closed
+                    or (until is not None and until())
+                ),
+                timeout_s,
             )
             return self._snapshot.version
+
+    def wake(self) -> None:
+        """Wake every ``wait_for_change`` to check its ``until``."""
+        with self._changed:
+            self._changed.notify_all()
 
     @property
     def closed(self) -> bool:

@@ -19,10 +19,11 @@ socket it holds, forgetting the live connection as it does (it then never notice
 this plugin going away). So a ``Register`` whose answer failed or came late counts
 as registered when the kubelet did dial back during it, and so does an answer of
 "already connected": in both cases the kubelet has the profile, and asking again can
-only hurt. The kubelet never reconnects a ``ListAndWatch`` stream it lost; when every
-stream of a registered profile has ended for ``STREAM_LOST_S`` while ``kubelet.sock``
-stayed the same, the profile registers again, and so it does when no stream came at
-all within ``NO_STREAM_S`` of a registration (a dial-back that was not the kubelet's).
+only hurt. The kubelet never reconnects a ``ListAndWatch`` stream it lost; when the
+kubelet's stream (the first opened after the registration) has been gone for
+``STREAM_LOST_S`` while ``kubelet.sock`` stayed the same, the profile registers again,
+and so it does when no stream came at all within ``NO_STREAM_S`` of a registration (a
+dial-back that was not the kubelet's).
 """
 
 from __future__ import annotations
@@ -286,10 +287,17 @@ class PluginManager:
         if served.registered_with is None or served.registered_with != kubelet_inode:
             served.streamless_since = None
             return
-        if servicer.streams_active > 0:
+        # The kubelet opens one stream after each Register: the first one numbered after
+        # the registration began is its. Other clients' streams do not stand in for it
+        # (they may have pushed it out, plugin.MAX_STREAMS). With none since, an earlier
+        # stream still open is the kubelet's (a Register answered "already connected").
+        kubelets = served.streams_at_registration + 1
+        since = servicer.streams_opened >= kubelets
+        alive = servicer.stream_open(kubelets) if since else servicer.streams_active > 0
+        if alive:
             served.streamless_since = None
             return
-        if servicer.streams_opened > served.streams_at_registration:
+        if since:
             if served.streamless_since is None:
                 served.streamless_since = now
             if now - served.streamless_since < STREAM_LOST_S:

@@ -19,8 +19,17 @@ log = logging.getLogger(__name__)
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
-# How often an idle ListAndWatch stream wakes to notice its server stopping.
-STREAM_POLL_S = 0.5
+# A stream's end (the client gone, the server stopping, an eviction) wakes it at once;
+# this is only a safety net for a wake-up lost.
+STREAM_POLL_S = 30.0
+# ListAndWatch streams one profile keeps open: the kubelet's, and a second for the
+# moment a kubelet restart or a registration overlaps the old one. Each holds a server
+# worker for its life; the rest of the workers (manager.SERVER_WORKERS) stay for
+# Allocate, GetPreferredAllocation, the options and the liveness probe. A newer stream
+# ends the oldest rather than being refused: the kubelet opens its stream right after
+# each Register, so a local client holding streams can never keep it out, and the
+# registration loop notices the kubelet's stream going and registers again.
+MAX_STREAMS = 2
 
 _STATUS = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -65,11 +74,24 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         # options inside Register, and holds a ListAndWatch stream while connected.
         self._counts = threading.Lock()
         self.options_asked = 0
+        # Streams are numbered 1, 2, ... as they open; ``_open`` maps the number of each
+        # one not yet ended (or evicted) to the event that ends it.
         self.streams_opened = 0
-        self.streams_active = 0
+        self._open: dict[int, threading.Event] = {}
+
+    @property
+    def streams_active(self) -> int:
+        with self._counts:
+            return len(self._open)
+
+    def stream_open(self, number: int) -> bool:
+        """Whether stream ``number`` is still open (not ended, not evicted)."""
+        with self._counts:
+            return number in self._open
 
     def stop(self) -> None:
         self._stopped.set()
+        self._board.wake()
 
     def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
@@ -81,28 +103,51 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
     def ListAndWatch(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> Iterator[api_pb2.ListAndWatchResponse]:
+        ended = threading.Event()
         with self._counts:
             self.streams_opened += 1
-            self.streams_active += 1
-        if not context.add_callback(self._stream_ended):
-            self._stream_ended()
-            return
-        version = self._board.version
-        last = self._board.devices(self.resource)
-        yield _list_response(last)
-        while not self._stopped.is_set() and context.is_active() and not self._board.closed:
-            changed = self._board.wait_for_change(version, STREAM_POLL_S)
-            if changed == version:
-                continue  # an idle wake-up, only to notice a stop
-            version = changed
-            devices = self._board.devices(self.resource)
-            if devices != last:
-                last = devices
-                yield _list_response(devices)
+            number = self.streams_opened
+            self._open[number] = ended
+            evicted = sorted(self._open)[:-MAX_STREAMS]
+            for old in evicted:
+                self._open.pop(old).set()
+        if evicted:
+            log.warning(
+                "more than %d ListAndWatch streams on this socket: ended the oldest (#%s) "
+                "for the newest (#%d)",
+                MAX_STREAMS,
+                ", #".join(map(str, evicted)),
+                number,
+                extra={"resource": self.resource},
+            )
+            self._board.wake()
 
-    def _stream_ended(self) -> None:
-        with self._counts:
-            self.streams_active -= 1
+        def end() -> None:
+            with self._counts:
+                self._open.pop(number, None)
+            ended.set()
+            self._board.wake()
+
+        if not context.add_callback(end):
+            end()
+            return
+        try:
+            version = self._board.version
+            last = self._board.devices(self.resource)
+            yield _list_response(last)
+            while not (ended.is_set() or self._stopped.is_set() or self._board.closed):
+                changed = self._board.wait_for_change(
+                    version, STREAM_POLL_S, lambda: ended.is_set() or self._stopped.is_set()
+                )
+                if changed == version:
+                    continue  # woken to check the stream's end, or the safety net
+                version = changed
+                devices = self._board.devices(self.resource)
+                if devices != last:
+                    last = devices
+                    yield _list_response(devices)
+        finally:
+            end()
 
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.kubeletsim.simulator import KubeletSimulator
-from pkg.deviceplugin.server import registration
+from pkg.deviceplugin.server import liveness, registration
 from pkg.deviceplugin.server.manager import DirWatch, PluginManager
+from pkg.deviceplugin.server.plugin import MAX_STREAMS
 from pkg.deviceplugin.types import socket_name_of
 
 RESOURCES = (R1, R2)
@@ -224,6 +226,58 @@ def test_allocate_still_answers_while_two_more_streams_hold_workers(make_node) -
     finally:
         for channel in channels:
             channel.close()
+
+
+@pytest.mark.parametrize("extra", [3, 12])
+def test_any_number_of_streams_never_wedges_the_unary_calls_and_the_kubelet_gets_back(  # type: ignore[no-untyped-def]
+    make_node, extra: int
+) -> None:
+    """Issue 18: the kubelet's stream plus three more filled the four workers; options,
+    GetPreferredAllocation and the liveness check hit their deadlines until the extra
+    streams went. Now a profile keeps at most MAX_STREAMS open, the newest pushing out
+    the oldest, and the plugin registers again when the kubelet's was pushed out."""
+    node = make_node()
+    manager = node.start()
+    assert node.wait_registered()
+    socket = node.root / "dp" / socket_name_of(R1)
+    channels = [grpc.insecure_channel(f"unix://{socket}") for _ in range(extra)]
+    reader = futures.ThreadPoolExecutor(1)
+    try:
+        streams = []
+        for channel in channels:
+            stream = api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty())
+            # Answered: the stream holds a worker now (a wedged server never answers).
+            reader.submit(next, stream).result(timeout=5)
+            streams.append(stream)
+        stub = api_pb2_grpc.DevicePluginStub(channels[-1])
+        options = stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=2)
+        assert options.get_preferred_allocation_available
+        preferred = stub.GetPreferredAllocation(
+            api_pb2.PreferredAllocationRequest(
+                container_requests=[
+                    api_pb2.ContainerPreferredAllocationRequest(
+                        available_deviceIDs=["G0-s0", "G1-s0"], allocation_size=1
+                    )
+                ]
+            ),
+            timeout=2,
+        )
+        assert len(preferred.container_responses[0].deviceIDs) == 1
+        assert liveness.check(node.root / "dp", RESOURCES, timeout_s=2.0) == []
+        # The oldest streams (the kubelet's first) were ended, the newest kept.
+        servicer = manager._served[R1].servicer
+        assert servicer.streams_active <= MAX_STREAMS
+        for stream in streams[:-MAX_STREAMS]:
+            with pytest.raises(StopIteration):
+                next(stream)
+        # The kubelet lost its stream and does not reconnect: the plugin registers
+        # again, and the kubelet's new stream pushes out one of ours.
+        assert node.kubelet.wait_for(lambda: node.registered(R1, times=2), 10.0)
+        assert node.calls(R2) == 1  # the other profile was not touched
+    finally:
+        for channel in channels:
+            channel.close()
+        reader.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- the watch loop's wake-ups (DirWatch) ---------------------------------------------
