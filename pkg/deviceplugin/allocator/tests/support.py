@@ -14,9 +14,9 @@ from pkg.deviceplugin.types import Gpu, GroupName, ResourceName, Topology
 
 def model_examples(default: int) -> int:
     """How many runs a model-based or fuzz test makes: ``default`` where the suite runs
-    on the default topology (plain ``pytest``, tox's topo-dgx-a100); a tenth of it in the
-    other topo envs, since these tests do not read the selected topology (tox runs the
-    whole suite once per topology); more for a long hunt (``KYB_MODEL_EXAMPLES=2000``)."""
+    on the default topology (plain ``pytest``, tox's ``unit`` and topo-dgx-a100); a tenth
+    of it with another topology selected, since these tests do not read it; more for a
+    long hunt (``KYB_MODEL_EXAMPLES=2000``)."""
     if "KYB_MODEL_EXAMPLES" in os.environ:
         return int(os.environ["KYB_MODEL_EXAMPLES"])
     if os.environ.get("KYB_TEST_TOPOLOGY", "dgx-a100") != "dgx-a100":
