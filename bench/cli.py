@@ -17,12 +17,12 @@ from typing import Any
 
 import grpc
 
-from bench import coldstart, faults, grouping, health, serving
+from bench import coldstart, faults, grouping, health, idle, serving
 from bench.node import NODES, REPO
 from bench.stats import Row, print_table
 
 DEFAULT_JSON = REPO / "bench" / "results" / "latest.json"
-SECTIONS = ("serving", "health", "faults", "coldstart", "grouping")
+SECTIONS = ("serving", "health", "faults", "coldstart", "grouping", "idle")
 
 
 def machine() -> dict[str, Any]:
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("coldstart", "", lambda: coldstart.run(NODES, 2 if quick else 5)))
     if "grouping" in chosen:
         plan.append(("grouping", "", lambda: grouping.run(2 if quick else 10)))
+    if "idle" in chosen:
+        plan.append(("idle", "", lambda: idle.run(5.0 if quick else 60.0)))
 
     rows: list[Row] = []
     failures: list[dict[str, str]] = []

@@ -246,8 +246,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         ", ".join(runtime.manager.resources),
         config.kubelet_dir,
     )
-    while not stop.wait(1.0):
-        pass
+    stop.wait()  # a signal's handler sets it (signals interrupt the wait)
     runtime.stop()
     return EXIT_OK
 

@@ -185,6 +185,25 @@ def test_sighup_reloads_the_config_at_once(mounted: tuple[support.Node, ConfigMa
     assert time.monotonic() - started < 3.0
 
 
+def test_config_changes_are_seen_at_once_not_by_polling(
+    mounted: tuple[support.Node, ConfigMapMount],
+) -> None:
+    """Issue 18: the file was hashed every second whatever happened. Its directories are
+    watched now: a ConfigMap swap and an edit in place each apply well under a second."""
+    node, mount = mounted
+    for seats in (1, 2, 3):
+        started = time.monotonic()
+        mount.publish(BASE.replace("seatsPerGroup: 4", f"seatsPerGroup: {seats}"))
+        assert support.wait_until(
+            lambda n=seats: len(node.kubelet.healthy(R1)) == 8 * n, 3.0, step=0.01
+        ), node.log()
+        assert time.monotonic() - started < 0.6, f"applied {time.monotonic() - started:.2f}s late"
+    started = time.monotonic()
+    (mount.dir / "..data" / "config.yaml").write_text(BASE)  # an edit in place
+    assert support.wait_until(lambda: len(node.kubelet.healthy(R1)) == 8 * 4, 3.0, step=0.01)
+    assert time.monotonic() - started < 0.6, f"applied {time.monotonic() - started:.2f}s late"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

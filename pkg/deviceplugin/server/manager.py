@@ -37,22 +37,25 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import grpc
-from inotify_simple import INotify, flags
 
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc
 from pkg.deviceplugin.metrics import NullMetrics, Recorder
 from pkg.deviceplugin.server import registration
+from pkg.deviceplugin.server.dirwatch import DirWatch
 from pkg.deviceplugin.server.plugin import SeatPlugin
 from pkg.deviceplugin.server.podresources import PodResourcesClient
 from pkg.deviceplugin.types import ResourceName, socket_name_of
 
 log = logging.getLogger(__name__)
 
+# Where the kubelet directory cannot be watched, the loop polls it this often; where it
+# can, it sleeps until the directory changes, a stream opens or ends, a Register returns
+# or one of its own timers is due, and at least every IDLE_WAKE_S.
 WATCH_INTERVAL_S = 0.1
+IDLE_WAKE_S = 60.0
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 # Threads per profile's gRPC server. Each ListAndWatch stream holds one for its life:
@@ -73,85 +76,6 @@ def _inode(path: Path) -> int | None:
         return os.stat(path).st_ino
     except OSError:
         return None
-
-
-class DirWatch:
-    """Waits until an entry of a directory appears, goes or is renamed, or a timeout.
-
-    Where inotify cannot watch the directory (absent, no inotify, out of watches) it
-    only sleeps; it tries again at every wait, so a directory created later is watched.
-    """
-
-    MASK = (
-        flags.CREATE
-        | flags.DELETE
-        | flags.MOVED_TO
-        | flags.MOVED_FROM
-        | flags.DELETE_SELF
-        | flags.MOVE_SELF
-    )
-    GONE = flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._inotify: INotify | None = None
-        self._watch: int | None = None
-        self._unavailable: str | None = None
-
-    def __enter__(self) -> DirWatch:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
-            self._watch = None
-
-    @property
-    def watching(self) -> bool:
-        return self._watch is not None
-
-    def _arm(self) -> None:
-        try:
-            if self._inotify is None:
-                self._inotify = INotify()
-            self._watch = self._inotify.add_watch(self._path, self.MASK)
-        except OSError as exc:
-            # Absent directory: quietly, the next wait tries again. Anything else is
-            # said once: the loop still works, only a little later.
-            if not isinstance(exc, FileNotFoundError) and str(exc) != self._unavailable:
-                self._unavailable = str(exc)
-                log.warning(
-                    "cannot watch %s (%s); noticing kubelet restarts by polling every %gs",
-                    self._path,
-                    exc,
-                    WATCH_INTERVAL_S,
-                )
-            return
-        self._unavailable = None
-
-    def wait(self, timeout_s: float) -> bool:
-        """Blocks until the directory changed (True) or ``timeout_s`` passed (False)."""
-        if self._watch is None:
-            self._arm()
-        if self._inotify is None or self._watch is None:
-            time.sleep(timeout_s)
-            return False
-        events = self._inotify.read(timeout=max(0, round(timeout_s * 1000)))
-        if any(e.mask & self.GONE for e in events):
-            if not any(e.mask & flags.IGNORED for e in events):
-                with contextlib.suppress(OSError):
-                    self._inotify.rm_watch(self._watch)
-            self._watch = None  # the directory went: watch the new one at the next wait
-        return bool(events)
 
 
 @dataclass
@@ -194,6 +118,7 @@ class PluginManager:
         self._served: dict[ResourceName, _Served] = {}
         self._lock = threading.Lock()
         self._kubelet_inode: int | None = None
+        self._watch: DirWatch | None = None
 
     @property
     def resources(self) -> list[ResourceName]:
@@ -213,6 +138,7 @@ class PluginManager:
                 self._stop_one(self._served.pop(resource))
             for resource in sorted(wanted - set(self._served)):
                 self._served[resource] = self._serve(resource)
+        self.wake()
 
     def tick(self) -> None:
         """One pass of the watch loop."""
@@ -254,10 +180,39 @@ class PluginManager:
         return all(not a.is_alive() for a in attempts)
 
     def run(self, stop: threading.Event) -> None:
+        """The watch loop, until ``stop`` is set (and ``wake()`` called)."""
         with DirWatch(self._kubelet_dir) as watch:
-            while not stop.is_set():
-                self.tick()
-                watch.wait(WATCH_INTERVAL_S)
+            self._watch = watch
+            try:
+                while not stop.is_set():
+                    self.tick()
+                    watch.wait(self._next_wake() if watch.watching else WATCH_INTERVAL_S)
+            finally:
+                self._watch = None
+
+    def wake(self) -> None:
+        """Run the watch loop now (a stream opened or ended, a stop, new profiles)."""
+        watch = self._watch
+        if watch is not None:
+            watch.wake()
+
+    def _next_wake(self) -> float:
+        """Seconds until one of the loop's timers is due, at most ``IDLE_WAKE_S``."""
+        now = self._clock()
+        due = now + IDLE_WAKE_S
+        with self._lock:
+            kubelet = self._kubelet_inode
+            for served in self._served.values():
+                if served.attempt is not None:
+                    continue  # its end wakes the loop
+                if served.registered_with != kubelet:
+                    if kubelet is not None:
+                        due = min(due, served.next_attempt)
+                elif served.streamless_since is not None:
+                    due = min(due, served.streamless_since + STREAM_LOST_S)
+                elif served.servicer.streams_opened <= served.streams_at_registration:
+                    due = min(due, served.registered_at + NO_STREAM_S)
+        return max(0.0, due - now)
 
     def stop(self) -> None:
         with self._lock:
@@ -270,7 +225,9 @@ class PluginManager:
         self._kubelet_dir.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             path.unlink()
-        servicer = SeatPlugin(resource, self._board, self._pod_resources, self._recorder)
+        servicer = SeatPlugin(
+            resource, self._board, self._pod_resources, self._recorder, on_streams=self.wake
+        )
         server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=SERVER_WORKERS, thread_name_prefix=f"dp-{socket_name_of(resource)}"
@@ -338,6 +295,7 @@ class PluginManager:
         dialed_back = served.servicer.options_asked > dialed_before
         with self._lock:
             served.attempt = None
+            self.wake()  # the loop's timers may have changed
             if self._served.get(served.resource) is not served:
                 return  # stopped meanwhile
             now = self._clock()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -64,8 +64,11 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         board: SeatBoard,
         pod_resources: PodResourcesClient | None,
         recorder: Recorder | None = None,
+        on_streams: Callable[[], None] | None = None,
     ) -> None:
+        """``on_streams`` is called whenever a ListAndWatch stream opens or ends."""
         self.resource = resource
+        self._on_streams = on_streams or (lambda: None)
         self._board = board
         self._pod_resources = pod_resources
         self._recorder = recorder or NullMetrics()
@@ -111,6 +114,7 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
             evicted = sorted(self._open)[:-MAX_STREAMS]
             for old in evicted:
                 self._open.pop(old).set()
+        self._on_streams()
         if evicted:
             log.warning(
                 "more than %d ListAndWatch streams on this socket: ended the oldest (#%s) "
@@ -124,9 +128,11 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
 
         def end() -> None:
             with self._counts:
-                self._open.pop(number, None)
+                was_open = self._open.pop(number, None) is not None
             ended.set()
             self._board.wake()
+            if was_open:
+                self._on_streams()
 
         if not context.add_callback(end):
             end()

@@ -5,8 +5,9 @@ stops them in order: servers first (the kubelet sees the plugin go), then the le
 flush.
 
 Live changes:
-- the config file is polled (``CONFIG_POLL_S``) by content, through whatever symlinks
-  a ConfigMap mount swaps, and SIGHUP asks for a reload at once; a valid new config is
+- the config file is read again by content when its directory (or its symlink
+  target's) changes, through whatever symlinks a ConfigMap mount swaps, and SIGHUP asks
+  for a reload at once; a valid new config is
   applied (profiles served or stopped, seat counts, drain, overprovisioning, log
   format), an invalid one is logged and the old one keeps running;
 - the topology is rediscovered every ``refreshInterval``. GPUs are never dropped from
@@ -37,14 +38,19 @@ from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.health.monitor import HealthMonitor
 from pkg.deviceplugin.nvml.backend import Backend
-from pkg.deviceplugin.server import topocache
+from pkg.deviceplugin.server import dirwatch, topocache
+from pkg.deviceplugin.server.dirwatch import DirWatch
 from pkg.deviceplugin.server.manager import PluginManager
 from pkg.deviceplugin.server.podresources import PodResourcesClient
 from pkg.deviceplugin.types import GroupName, ResourceName, Topology, group_size_of
 
 log = logging.getLogger(__name__)
 
+# The config file's directories are watched (inotify) and the file read again when
+# they change, and every CONFIG_SAFETY_POLL_S anyway; where they cannot be watched, the
+# file is read every CONFIG_POLL_S.
 CONFIG_POLL_S = 1.0
+CONFIG_SAFETY_POLL_S = 30.0
 # Paths name where the plugin talks to the kubelet and keeps its ledger; moving them
 # under a running process would strand sockets and state, so they wait for a restart.
 # So does the metrics address: the servers hold the recorder chosen at start.
@@ -109,6 +115,13 @@ class ConfigSource:
             return loader.BUILTIN_SOURCE
         return str(path)
 
+    def dirs(self) -> list[Path]:
+        """The directories whose changes may change the file: its own, and its target's
+        through symlinks (resolved anew each time: a ConfigMap swaps them)."""
+        path = self.path or loader.DEFAULT_CONFIG_PATH
+        # A directory not there yet: its nearest ancestor that is sees it come.
+        return [_existing(path.parent), _existing(path.resolve().parent)]
+
     def fingerprint(self) -> str | None:
         """A digest of the file's content now (through symlinks); None when unreadable."""
         try:
@@ -116,6 +129,12 @@ class ConfigSource:
         except OSError:
             return None
         return hashlib.sha256(data).hexdigest()
+
+
+def _existing(directory: Path) -> Path:
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    return directory
 
 
 def merge_topology(known: Topology, fresh: Topology) -> tuple[Topology, list[int]]:
@@ -200,6 +219,7 @@ class Runtime:
         )
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
+        self._config_watch: DirWatch | None = None
         self._threads: list[threading.Thread] = []
         self._reload_lock = threading.Lock()
         self._fingerprint = source.fingerprint() if source is not None else None
@@ -222,6 +242,9 @@ class Runtime:
     def request_reload(self) -> None:
         """SIGHUP: reload the config now."""
         self._reload_requested.set()
+        watch = self._config_watch
+        if watch is not None:
+            watch.wake()
 
     def reconcile_once(self) -> bool:
         """One PodResources ``List``; whether a holder is missing but not yet gone."""
@@ -351,16 +374,27 @@ class Runtime:
 
     def _config_loop(self) -> None:
         assert self.source is not None
-        while not self._stop.is_set():
-            requested = self._reload_requested.wait(CONFIG_POLL_S)
-            if self._stop.is_set():
-                return
-            fingerprint = self.source.fingerprint()
-            if requested or fingerprint != self._fingerprint:
-                self._reload_requested.clear()
-                self._fingerprint = fingerprint
-                log.info("config %s; reloading", "reload requested" if requested else "changed")
-                self.reload()
+        with DirWatch(mask=dirwatch.CONTENTS) as watch:
+            self._config_watch = watch
+            try:
+                while not self._stop.is_set():
+                    # The file's directory and, through symlinks, its target's: a
+                    # ConfigMap update renames a symlink in the first, an edit in place
+                    # writes in the second.
+                    watch.watch(self.source.dirs())
+                    watch.wait(CONFIG_SAFETY_POLL_S if watch.watching else CONFIG_POLL_S)
+                    if self._stop.is_set():
+                        return
+                    requested = self._reload_requested.is_set()
+                    fingerprint = self.source.fingerprint()
+                    if requested or fingerprint != self._fingerprint:
+                        self._reload_requested.clear()
+                        self._fingerprint = fingerprint
+                        why = "reload requested" if requested else "changed"
+                        log.info("config %s; reloading", why)
+                        self.reload()
+            finally:
+                self._config_watch = None
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -369,7 +403,8 @@ class Runtime:
 
     def stop(self) -> None:
         self._stop.set()
-        self._reload_requested.set()
+        self.manager.wake()
+        self.request_reload()  # wakes the config loop, which sees the stop
         self.health.stop()
         for thread in self._threads:
             thread.join(timeout=5)

@@ -28,7 +28,8 @@ from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.kubeletsim.simulator import KubeletSimulator
 from pkg.deviceplugin.server import liveness, registration
-from pkg.deviceplugin.server.manager import DirWatch, PluginManager
+from pkg.deviceplugin.server.dirwatch import DirWatch
+from pkg.deviceplugin.server.manager import PluginManager
 from pkg.deviceplugin.server.plugin import MAX_STREAMS
 from pkg.deviceplugin.types import socket_name_of
 
@@ -59,7 +60,9 @@ class Node:
             return
         assert self.stop is not None and self.loop is not None
         self.stop.set()
+        self.manager.wake()
         self.loop.join(5)
+        assert not self.loop.is_alive()
         self.manager.wait_idle(15)
         self.manager.stop()
         self.manager = None
@@ -278,6 +281,33 @@ def test_any_number_of_streams_never_wedges_the_unary_calls_and_the_kubelet_gets
         for channel in channels:
             channel.close()
         reader.shutdown(wait=False, cancel_futures=True)
+
+
+def test_an_idle_registered_manager_does_not_tick_and_still_sees_a_kubelet_restart_at_once(  # type: ignore[no-untyped-def]
+    make_node,
+) -> None:
+    """Issue 18: the loop ran every 100 ms whatever happened (a quarter of an idle
+    plugin's CPU). It now sleeps until the kubelet directory changes, a stream opens
+    or ends, or one of its timers is due."""
+    node = make_node()
+    manager = node.start()
+    assert node.wait_registered()
+    ticks: list[float] = []
+    real_tick = manager.tick
+
+    def counting_tick() -> None:
+        ticks.append(time.monotonic())
+        real_tick()
+
+    manager.tick = counting_tick  # type: ignore[method-assign]
+    manager.wake()  # the loop picks up the counting tick
+    time.sleep(1.5)
+    assert len(ticks) <= 2, f"{len(ticks)} ticks in 1.5 s idle"
+    before = len(ticks)
+    restarted = time.monotonic()
+    node.kubelet.restart()
+    assert node.wait_registered(times=2, timeout_s=2.0)
+    assert len(ticks) > before and ticks[before] - restarted < 0.05, ticks[before:]
 
 
 # ---- the watch loop's wake-ups (DirWatch) ---------------------------------------------
