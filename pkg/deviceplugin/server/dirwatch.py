@@ -78,8 +78,8 @@ class DirWatch:
 
     @property
     def watching(self) -> bool:
-        """Whether every directory is watched now (else the caller must poll)."""
-        self._arm()
+        """Whether every directory is watched (else the caller must poll); a wait
+        arms what is not."""
         return all(d in self._watches for d in self._dirs)
 
     def wake(self) -> None:
@@ -89,8 +89,13 @@ class DirWatch:
 
     def wait(self, timeout_s: float | None) -> bool:
         """Blocks until a watched directory changed or ``wake()`` (True), or until
-        ``timeout_s`` passed (False; None waits without a timeout)."""
-        self._arm()
+        ``timeout_s`` passed (False; None waits without a timeout).
+
+        A directory watched for the first time (at the first wait, or again after it was
+        replaced) returns True at once: it may have changed before the watch began, so
+        the caller looks again, and from then on no change goes unseen."""
+        if self._arm():
+            return True
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         if self._inotify is not None and self._watches:
@@ -118,7 +123,9 @@ class DirWatch:
                         self._inotify.rm_watch(event.wd)
                 self._watches.pop(d, None)
 
-    def _arm(self) -> None:
+    def _arm(self) -> bool:
+        """Watch every directory not watched yet; True when one more is watched now."""
+        added = False
         for d in self._dirs:
             if d in self._watches:
                 continue
@@ -134,6 +141,9 @@ class DirWatch:
                 ):
                     self._unavailable = str(exc)
                     log.warning("cannot watch %s (%s); polling it instead", d, exc)
+                continue
+            added = True
+        return added
 
     def _unwatch(self, d: Path) -> None:
         wd = self._watches.pop(d, None)
