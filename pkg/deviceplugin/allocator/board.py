@@ -107,8 +107,9 @@ class SeatView:
 
 GroupKey = tuple[ResourceName, GroupName]
 
-RESERVE_AHEAD = 1_000_000
-"""How far the generation reservation runs ahead of the highest generation handed out."""
+RESERVE_AHEAD = 1000
+"""How far the generation reservation runs ahead of the highest generation handed out:
+one durable write per this many, and how far generations jump after a crash."""
 
 # An Allocate may name any number of IDs of any length; its error message (and the log
 # line quoting it) names the first few, each shortened, then a count, so that a hostile
@@ -220,6 +221,17 @@ class SeatBoard:
                 store.lost,
                 self._ledger.floor,
             )
+        elif store is not None and store.crashed:
+            # The journal may have lost lines without a trace (store docstring): start
+            # above the reservation, or the wall clock where that is gone too.
+            floor = self._reserved or (floor_after_loss(clock()) if self._ledger.highest() else 0)
+            if floor > self._ledger.floor:
+                self._ledger.floor = floor
+                log.warning(
+                    "%s was not saved at a clean stop; every new generation starts above %d",
+                    store.path,
+                    floor,
+                )
         self._layout = Layout.of((), Topology(()))
         self._set_layout_locked(self._plan(self._pins_locked()))
         self._snapshot = self._build_snapshot(1)
@@ -658,7 +670,7 @@ class SeatBoard:
         """Save the whole state file now (the journal's lines included) and empty the
         journal; the runtime calls it at stop, after :meth:`close`."""
         with self._lock:
-            self._save()
+            self._save(clean=True)
             if self._store is not None:
                 self._store.close()
 
@@ -974,17 +986,17 @@ class SeatBoard:
             if store.appended == appended:
                 store.empty_journal()
 
-    def _write_locked(self, store: StateStore) -> None:
+    def _write_locked(self, store: StateStore, *, clean: bool = False) -> None:
         with self._write_lock:
-            store.save_encoded(self._state_fields())
+            store.save_encoded(self._state_fields(), clean=clean)
             self._write_pending = False
             store.empty_journal()
 
-    def _save(self) -> None:
+    def _save(self, *, clean: bool = False) -> None:
         if self._store is None:
             return
         try:
-            self._write_locked(self._store)
+            self._write_locked(self._store, clean=clean)
         except OSError as exc:
             log.error("could not save the seat ledger to %s: %s", self._store.path, exc)
 

@@ -21,10 +21,13 @@ Rules (SPEC section 4):
   with damaged entries) cannot say which generations were handed out: every generation
   after it starts above a floor, saved with the ledger: the generation reservation kept
   next to the state file (every generation handed out is below it; the board writes it
-  once per million generations) where it survived, and the wall clock
+  once per thousand generations) where it survived, and the wall clock
   (:func:`floor_after_loss`), whichever is higher. So KYB_SEAT_GEN counts 1, 2, 3 on a
   node that never lost its ledger, and jumps to a large number (about 2e14 in 2026)
   after a loss, never back, even across a wall-clock step while the reservation lasts.
+- After a crash (a state file not saved at a clean stop) the journal's last lines could
+  be gone without a trace, so the floor is the reservation: generations jump by at most
+  a thousand, and go on counting from there.
 - Times are on the monotonic clock: a wall-clock step neither releases a binding early
   nor keeps one late. Only the wall-clock time of the last Allocate is saved (for
   people); a restored binding's grace and hand-off window start afresh at the restart,
@@ -274,6 +277,10 @@ class Ledger:
                 },
             }
         return entry
+
+    def highest(self) -> int:
+        """The highest generation any seat has had (0: none was ever bound)."""
+        return max((record.generation for record in self._records.values()), default=0)
 
     def keys(self) -> Iterable[SeatKey]:
         return self._records.keys()

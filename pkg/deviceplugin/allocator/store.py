@@ -15,6 +15,13 @@ torn by a crash before its Allocate answered and is ignored; any other line that
 a record of this format is damage: the journal is set aside and generations may have
 been lost (``lost``), as for a damaged state file.
 
+A journal cut at a line boundary, or emptied, reads as a valid shorter one: nothing in
+it can tell. So only the save at a clean stop (which holds every line, and empties the
+journal) marks the document ``cleanStop``; every other save, the one at each start
+included, leaves the mark out. A document without it comes from a run that may have
+appended lines, and its journal is not trusted to hold them all (``crashed``: the board
+starts generations above the reservation, which bounds every one handed out).
+
 No content of the file stops the plugin (SPEC section 4). What a load keeps:
 
 - The whole file is set aside (renamed ``state.json.corrupt-<time>``, kept for
@@ -227,10 +234,15 @@ class StateStore:
         self._used_before = used_before
         self.lost: str | None = None
         """After :meth:`load`: why generations may have been lost (None: nothing was)."""
+        self.crashed = False
+        """After :meth:`load`: the document was not saved at a clean stop, so journal
+        lines appended after it may be gone without a trace (see the module docstring)."""
         self.journal_path = state_dir / JOURNAL_FILE
         self._journal_file: io.FileIO | None = None
         self._journal_bytes = 0
         self._journal_torn = False
+        self._unmarked = True
+        """No save of this run has yet left a document without ``cleanStop`` on disk."""
         self.appended = 0
         """Lines appended to the journal so far (never goes back): a save whose document
         was taken at this count holds every one of them."""
@@ -239,6 +251,7 @@ class StateStore:
         """The saved document, checked and repaired as the module docstring says, or
         None for a fresh start (no file, or one set aside)."""
         self.lost = None
+        self.crashed = False
         damaged: list[str] = []
         try:
             doc = _checked(read_json(self.path), damaged)
@@ -255,6 +268,7 @@ class StateStore:
                 set_aside(self.path),
             )
             return None
+        self.crashed = not doc["cleanStop"]
         self._replay(doc, damaged)
         if damaged:
             self.lost = f"{self.path} had damaged entries ({', '.join(damaged[:3])}...)"
@@ -310,16 +324,22 @@ class StateStore:
             set_aside(self.journal_path),
         )
 
-    def save(self, doc: Mapping[str, Any]) -> None:
-        self.save_encoded({key: encode(value) for key, value in doc.items()})
+    def save(self, doc: Mapping[str, Any], *, clean: bool = False) -> None:
+        self.save_encoded({key: encode(value) for key, value in doc.items()}, clean=clean)
 
-    def save_encoded(self, fields: Mapping[str, str]) -> None:
+    def save_encoded(self, fields: Mapping[str, str], *, clean: bool = False) -> None:
         """Save a document given as its top-level fields, each already ``encode``d.
 
         The board keeps the encoded parts of the document that did not change, so a
         save re-encodes only what did; the file is the same as ``save`` would write.
+        ``clean``: the save at a clean stop, which marks the document ``cleanStop``.
         """
-        self.write(encode_object({**fields, "version": encode(FORMAT_VERSION)}))
+        marks = {"version": encode(FORMAT_VERSION)}
+        if clean:
+            marks["cleanStop"] = encode(True)
+        self._unmarked = True  # until the file on disk says which it is
+        self.write(encode_object({**fields, **marks}))
+        self._unmarked = clean
 
     def write(self, payload: str) -> None:
         """Durably replace the state file with ``payload``."""
@@ -328,9 +348,10 @@ class StateStore:
     @property
     def journal_full(self) -> bool:
         """Whether the next binding must save the whole document instead of appending:
-        the journal is long, or an append failed part way (a torn line must not be
-        followed by another)."""
-        return self._journal_torn or self._journal_bytes >= JOURNAL_LIMIT_BYTES
+        the journal is long, an append failed part way (a torn line must not be
+        followed by another), or no save of this run has yet replaced a document marked
+        ``cleanStop`` (a line after it would be trusted to be the last)."""
+        return self._unmarked or self._journal_torn or self._journal_bytes >= JOURNAL_LIMIT_BYTES
 
     def append(self, seats: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
         """Durably add one line to the journal: these seats' ledger entries, each a new
@@ -453,6 +474,8 @@ def _checked(doc: object, damaged: list[str]) -> dict[str, Any]:
         "retired": retired,
         "generationFloor": floor,
         "awaitingList": awaiting,
+        # written only by the save at a clean stop: anything else may have a journal
+        "cleanStop": doc.get("cleanStop") is True,
     }
 
 

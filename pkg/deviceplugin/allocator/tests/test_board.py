@@ -253,6 +253,8 @@ def test_generations_and_bindings_survive_a_restart(make_board: MakeBoard, clock
     gone(board, clock)
     board.allocate(R2, [["G01-s0"]])
     board.allocate(R1, [["G2-s2"]])
+    board.close()
+    board.flush()  # a clean stop: generations go on counting
     restarted = make_board()
     assert restarted.seat_views(R2)[DeviceId("G01-s0")].generation == 2
     assert restarted.seat_views(R2)[DeviceId("G01-s0")].state == "held"

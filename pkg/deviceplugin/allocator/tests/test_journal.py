@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from pkg.deviceplugin.allocator import board as board_mod
 from pkg.deviceplugin.allocator import store as store_mod
@@ -65,9 +66,10 @@ def journal_lines(state_dir: Path) -> list[bytes]:
 
 
 @cache
-def journaled() -> tuple[bytes, bytes]:
-    """A state file and a journal as a crash leaves them after three Allocates whose
-    writes behind never ran: the state file from the start, one line per binding."""
+def journaled() -> tuple[bytes, bytes, bytes]:
+    """A state file, a journal and the generation reservation as a crash leaves them
+    after three Allocates whose writes behind never ran: the state file from the start,
+    one line per binding."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         board = opened(root)
@@ -75,12 +77,17 @@ def journaled() -> tuple[bytes, bytes]:
         board.allocate(R2, [["G01-s1"]])
         board.allocate(R1, [["G2-s1"]])
         board.allocate(R1, [["G3-s0"], ["G3-s1"]])
-        return (root / "state.json").read_bytes(), (root / store_mod.JOURNAL_FILE).read_bytes()
+        return (
+            (root / "state.json").read_bytes(),
+            (root / store_mod.JOURNAL_FILE).read_bytes(),
+            (root / store_mod.RESERVATION_FILE).read_bytes(),
+        )
 
 
 def restored_from(tmp_path: Path, journal: bytes) -> SeatBoard:
-    saved, _ = journaled()
+    saved, _, reserved = journaled()
     (tmp_path / "state.json").write_bytes(saved)
+    (tmp_path / store_mod.RESERVATION_FILE).write_bytes(reserved)
     (tmp_path / "topology.json").write_text("{}")
     (tmp_path / store_mod.JOURNAL_FILE).write_bytes(journal)
     return opened(tmp_path)
@@ -97,9 +104,58 @@ def test_a_new_binding_is_durable_in_the_journal_before_the_state_file(tmp_path:
     restarted = opened(tmp_path)  # a crash now
     assert state(restarted, R2, "G01-s1") == ("held", 1)
     assert state(restarted, R1, "G0-s0") == ("fenced", 0)
-    # nothing was lost: generations go on from where they were, no floor jump
+    # nothing was lost, but nothing could tell if a line had been: generations go on
+    # from above the reservation, never from a number the journal might have held
+    reserved = reservation(tmp_path)
+    assert reserved == 1 + board_mod.RESERVE_AHEAD
+    assert restarted.allocate(R2, [["G01-s1"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
+    assert restarted.allocate(R2, [["G01-s2"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
+
+
+def test_after_a_clean_stop_generations_go_on_counting(tmp_path: Path) -> None:
+    board = opened(tmp_path)
+    (tmp_path / "topology.json").write_text("{}")
+    board.allocate(R2, [["G01-s1"]])
+    board.close()
+    board.flush()
+    assert journal_lines(tmp_path) == []
+    assert json.loads((tmp_path / "state.json").read_text())["cleanStop"] is True
+    restarted = opened(tmp_path)
+    # the start's save takes the mark away: a crash from here on is not a clean stop
+    assert "cleanStop" not in json.loads((tmp_path / "state.json").read_text())
     assert restarted.allocate(R2, [["G01-s1"]])[0].envs["KYB_SEAT_GEN"] == "2"
     assert restarted.allocate(R2, [["G01-s2"]])[0].envs["KYB_SEAT_GEN"] == "1"
+
+
+def test_no_line_follows_a_document_marked_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start whose own save failed still has the clean stop's document on disk: a line
+    # appended behind it would be trusted as the last one, so the binding saves whole.
+    board = opened(tmp_path)
+    (tmp_path / "topology.json").write_text("{}")
+    board.close()
+    board.flush()
+    real = store_mod.atomic_write
+    calls = []
+
+    def failing_once(path: Path, payload: str) -> None:
+        calls.append(path.name)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real(path, payload)
+
+    monkeypatch.setattr(store_mod, "atomic_write", failing_once)
+    restarted = opened(tmp_path)
+    assert json.loads((tmp_path / "state.json").read_text())["cleanStop"] is True
+    restarted.allocate(R2, [["G01-s1"]])
+    assert "cleanStop" not in json.loads((tmp_path / "state.json").read_text())
+    assert not (tmp_path / store_mod.JOURNAL_FILE).exists() or journal_lines(tmp_path) == []
+
+
+def reservation(state_dir: Path) -> int:
+    reserved: int = json.loads((state_dir / store_mod.RESERVATION_FILE).read_text())["reserved"]
+    return reserved
 
 
 def test_the_state_file_follows_on_the_writer_thread_and_empties_the_journal(
@@ -113,7 +169,7 @@ def test_the_state_file_follows_on_the_writer_thread_and_empties_the_journal(
 
 
 def test_a_restart_replays_every_line_a_crash_left(tmp_path: Path) -> None:
-    _, journal = journaled()
+    _, journal, _ = journaled()
     assert len(journal.splitlines()) == 3
     board = restored_from(tmp_path, journal)
     assert state(board, R2, "G01-s1") == ("held", 1)
@@ -128,24 +184,27 @@ def test_a_restart_replays_every_line_a_crash_left(tmp_path: Path) -> None:
 def test_a_torn_last_line_is_ignored_and_loses_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, journal = journaled()
+    _, journal, _ = journaled()
     last = journal.splitlines(keepends=True)[-1]
     with caplog.at_level(logging.WARNING):
         board = restored_from(tmp_path, journal[: -len(last)] + last[: len(last) // 2])
-    assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert "torn by a crash" in caplog.records[0].getMessage()
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 2
+    assert "torn by a crash" in messages[0]
+    assert "not saved at a clean stop" in messages[1]
     assert state(board, R1, "G2-s1") == ("held", 1)
     # the torn Allocate never answered: its seats are free, and no ledger was lost
     assert state(board, R1, "G3-s0") == ("free", 0)
     assert not board.needs_observation(R1, [["G3-s0"]])
-    assert board.allocate(R1, [["G3-s0"]])[0].envs["KYB_SEAT_GEN"] == "1"
+    reserved = reservation(tmp_path)
+    assert board.allocate(R1, [["G3-s0"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
 
 
 @pytest.mark.parametrize("how", ["bit-flip", "line-dropped-newline", "not-a-binding"])
 def test_a_damaged_line_is_a_lost_ledger_and_the_journal_is_set_aside(
     tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, journal = journaled()
+    _, journal, _ = journaled()
     lines = journal.splitlines(keepends=True)
     if how == "bit-flip":
         lines[0] = lines[0].replace(b'"generation":1', b'"generation":"', 1)
@@ -243,3 +302,39 @@ def test_a_long_journal_is_emptied_by_the_next_binding(
 def test_no_bytes_in_the_journal_stop_the_board(content: bytes) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         assert_generations_fit(restored_from(Path(scratch), content))
+
+
+R1_SEATS = [f"G{g}-s{s}" for g in range(4) for s in range(4)]
+
+
+@FUZZ
+@given(
+    seats=st.lists(st.sampled_from(R1_SEATS), min_size=1, max_size=10),
+    cut=st.none() | st.integers(min_value=0, max_value=10),
+)
+def test_a_journal_cut_at_a_line_or_removed_after_a_crash_hands_out_no_generation_again(
+    seats: list[str], cut: int | None
+) -> None:
+    # A journal cut at a line boundary, emptied or removed reads as a shorter one (found
+    # by the hostile suite's state trial): the bindings of its lost lines are gone, and
+    # their seats' next holders must still get generations above theirs.
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        mono = Clock()
+        board = opened(root, mono=mono)  # its writes behind never land
+        (root / "topology.json").write_text("{}")
+        handed: dict[str, int] = {}
+        for seat in seats:
+            mono.now += 10  # past the hand-off window: a new holder each time
+            generation = int(board.allocate(R1, [[seat]])[0].envs["KYB_SEAT_GEN"])
+            assert generation > handed.get(seat, 0)
+            handed[seat] = generation
+        journal = root / store_mod.JOURNAL_FILE
+        if cut is None:
+            journal.unlink()
+        else:
+            journal.write_bytes(b"".join(journal_lines(root)[:cut]))
+        restarted = opened(root)
+        for seat, before in handed.items():
+            again = int(restarted.allocate(R1, [[seat]])[0].envs["KYB_SEAT_GEN"])
+            assert again > before, f"{seat} handed out {again} after {before}"
