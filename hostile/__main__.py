@@ -73,6 +73,32 @@ class Result:
         self.failures.append(what)
 
 
+@dataclass
+class Generations:
+    """What each seat handed out. A new holder gets a generation above every earlier one
+    of its seat; the exception is the init-to-app hand-off: a pod gone within the
+    hand-off window of its seat's last answer, never seen in List, may pass its
+    generation on (SPEC 4). A plugin restart ends every window (a restored binding is
+    past it)."""
+
+    highest: dict[object, int] = field(default_factory=dict)
+    answered_at: dict[object, float] = field(default_factory=dict)
+
+    def check(self, seat: object, generation: int, asked: float) -> str | None:
+        """Record one answer (``asked``: monotonic time the admission began); what is
+        wrong with it, if anything."""
+        before = self.highest.get(seat, 0)
+        handoff = asked - self.answered_at.get(seat, -float("inf")) <= HANDOFF_WINDOW_S
+        self.highest[seat] = max(before, generation)
+        self.answered_at[seat] = time.monotonic()
+        if generation < before or (generation == before and not handoff):
+            return f"{seat} handed out generation {generation} again (had {before})"
+        return None
+
+    def restarted(self) -> None:
+        self.answered_at.clear()
+
+
 def mutate(text: str, rng: random.Random) -> bytes:
     data = bytearray(text.encode())
     kind = rng.choice(["flip", "cut", "double", "nul", "splice"])
@@ -394,10 +420,7 @@ def trial_admissions(kills: int, rng: random.Random) -> Result:
     bound through two profiles, every pod whose admission answered holds its seat with
     its generation."""
     result = Result("admissions: SIGKILL during admissions")
-    highest: dict[tuple[str, str], int] = {}
-    # when the seat's last binding answered; -inf once a restart put it past its
-    # hand-off window (SPEC 4: a pod gone within the window may pass its generation on)
-    answered_at: dict[tuple[str, str], float] = {}
+    generations = Generations()
     live: dict[str, tuple[str, str, int]] = {}
     answered = 0
     count = 0
@@ -425,21 +448,16 @@ def trial_admissions(kills: int, rng: random.Random) -> Result:
                 [allocation] = pod.allocations["main"]
                 key = (resource, allocation.device_ids[0])
                 generation = int(allocation.response.envs["KYB_SEAT_GEN"])
-                handoff = asked - answered_at.get(key, -float("inf")) <= HANDOFF_WINDOW_S
-                if generation < highest.get(key, 0) or (
-                    generation == highest.get(key, 0) and not handoff
-                ):
-                    result.fail(f"kill {k}: {key[1]} got generation {generation} again")
-                highest[key] = max(highest.get(key, 0), generation)
-                answered_at[key] = time.monotonic()
+                if wrong := generations.check(key, generation, asked):
+                    result.fail(f"kill {k}: {wrong}")
                 live[name] = (*key, generation)
-                if rng.random() < 0.5:
+                if len(live) > 3:  # seats to spare for the next ones
                     gone = rng.choice(sorted(live))
                     node.kubelet.delete(gone)
                     del live[gone]
             process.wait(10)
             node.process = None
-            answered_at.clear()  # a restored binding is past its hand-off window
+            generations.restarted()
             before = {r: node.kubelet.endpoints[r].registrations for r in RESOURCES}
             node.start_plugin()
             if not node.wait_registered(RESOURCES, timeout=15.0, after=before):
@@ -492,17 +510,17 @@ def _restart(node: support.Node) -> bool:
 
 
 def _admitted(
-    node: support.Node, highest: dict[str, int], result: Result, name: str, deadline_s: float
+    node: support.Node, generations: Generations, result: Result, name: str, deadline_s: float
 ) -> tuple[str, int] | None:
-    """Admit a pod with one 1x seat: its seat and generation (checked above every one
-    before on that seat), or None when refused until ``deadline_s``."""
+    """Admit a pod with one 1x seat: its seat and generation (checked against the
+    seat's earlier ones), or None when refused until ``deadline_s``."""
+    asked = time.monotonic()
     envs = _admit_one(node, name, deadline_s)
     if envs is None:
         return None
     seat, generation = envs["KYB_GPU_SEAT"], int(envs["KYB_SEAT_GEN"])
-    if generation <= highest.get(seat, 0):
-        result.fail(f"{name}: {seat} handed out generation {generation} again")
-    highest[seat] = max(highest.get(seat, 0), generation)
+    if wrong := generations.check(seat, generation, asked):
+        result.fail(f"{name}: {wrong}")
     return seat, generation
 
 
@@ -530,12 +548,11 @@ def trial_disk(rounds: int, rng: random.Random) -> Result:
             if not node.wait_registered(RESOURCES):
                 result.fail("the plugin did not register")
                 return result
-            highest: dict[str, int] = {}
-
+            generations = Generations()
             for n in range(rounds):
                 for how in ("full", "read-only"):
                     result.trials += 1
-                    if _admitted(node, highest, result, f"{how}-before-{n}", 6.0) is None:
+                    if _admitted(node, generations, result, f"{how}-before-{n}", 6.0) is None:
                         result.fail(f"round {n} {how}: no pod admitted before")
                         continue
                     if how == "full":
@@ -547,9 +564,10 @@ def trial_disk(rounds: int, rng: random.Random) -> Result:
                         if why or not _restart(node):
                             result.fail(f"round {n}: no plugin on a read-only disk: {why}")
                             return result
+                        generations.restarted()
                     held: dict[str, int] = {}
                     for i in range(30):  # the journal's last page may still take a few
-                        got = _admitted(node, highest, result, f"{how}-during-{n}-{i}", 0.0)
+                        got = _admitted(node, generations, result, f"{how}-during-{n}-{i}", 0.0)
                         if got is None:
                             refused += 1
                         else:
@@ -565,13 +583,14 @@ def trial_disk(rounds: int, rng: random.Random) -> Result:
                     if not _restart(node):
                         result.fail(f"round {n} {how}: not registered again")
                         return result
+                    generations.restarted()
                     bindings = _bindings(_saved(node))
                     for seat, generation in held.items():
                         kept = bindings.get((RESOURCES[0], seat), {}).get("generation")
                         if kept != generation:
                             result.fail(f"round {n} {how}: answered {seat} at {generation}, lost")
                     started = time.monotonic()
-                    if _admitted(node, highest, result, f"{how}-after-{n}", 5.0) is None:
+                    if _admitted(node, generations, result, f"{how}-after-{n}", 5.0) is None:
                         result.fail(f"round {n} {how}: no pod admitted within 5 s of the disk back")
                         continue
                     recovered.append(time.monotonic() - started)
