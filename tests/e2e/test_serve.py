@@ -264,6 +264,34 @@ def test_sigterm_stops_serving_removes_its_sockets_and_exits_zero(serving: suppo
 
 
 @pytest.mark.e2e
+def test_an_idle_plugin_asks_podresources_only_while_an_answer_could_change_something(
+    node: support.Node,
+) -> None:
+    # Each List wakes grpc's thread pool for about a second (bench/README.md, "Idle"):
+    # an idle node asks nothing; a held seat, and a release's grace, are watched.
+    resource = "kyb.ai/gpu-1x-seat"
+    needs_seats(resource)
+    node.extra_args = ("--reconcile-interval", "200ms", "--release-grace-period", "2s")
+    node.start_plugin()
+    assert node.wait_registered(RESOURCES), node.log()
+
+    def lists_in(seconds: float) -> int:
+        before = node.kubelet.list_calls
+        time.sleep(seconds)
+        return node.kubelet.list_calls - before
+
+    time.sleep(0.5)  # the start's answer
+    assert lists_in(1.5) == 0
+    node.kubelet.admit("p", [ContainerSpec("main", {resource: 1})])
+    assert lists_in(1.0) >= 3  # every 200 ms while the seat is held
+    node.kubelet.delete("p")
+    assert support.wait_until(lambda: "seat released" in node.log(), 5.0), node.log()
+    assert lists_in(1.0) >= 3  # its holder may come back within the grace
+    time.sleep(1.5)
+    assert lists_in(1.5) == 0
+
+
+@pytest.mark.e2e
 def test_a_plugin_restarted_without_its_ledger_serves_again_within_seconds(
     serving: support.Node,
 ) -> None:

@@ -184,6 +184,8 @@ class SeatBoard:
         self._dev_root = dev_root
         self._ledger = Ledger(release_grace_s, handoff_s)
         self._gone_pending = False
+        self._released_at: float | None = None
+        """Monotonic time of the last release (see :meth:`list_can_change`)."""
         self._unhealthy: dict[str, str] = {}
         self._closeness_cache: dict[tuple[ResourceName, GroupName, GroupName], int] = {}
         self._closeness_layout: Layout | None = None
@@ -504,6 +506,25 @@ class SeatBoard:
 
     # ---- evidence from the kubelet and the GPUs -------------------------------------
 
+    def list_can_change(self) -> bool:
+        """Whether a PodResources ``List`` could change the ledger now: a binding is
+        live (its holder may be gone, or seen for the first time), a lost ledger is
+        being rebuilt, or a binding ended within ``release_grace_s`` (its holder may
+        show up again: a kubelet that restarts answers before its pods are back). A
+        ledger with none of these (an idle node) has nothing ``List`` could end or give
+        back; a seat held that it does not know can only follow a lost ledger (rebuilt
+        from the first answers after start) or a release (watched for this long)."""
+        with self._lock:
+            if self._awaiting_list or self._gone_pending:
+                return True
+            if next(self._ledger.held(), None) is not None:
+                return True
+            released = self._released_at
+            return (
+                released is not None
+                and self._monotonic() - released <= self._ledger.release_grace_s
+            )
+
     def reconcile(self, observed: Mapping[SeatKey, Holder]) -> bool:
         """Apply one successful PodResources ``List``; whether a seen holder is missing
         but not yet gone (ask again after ``ledger.GONE_CONFIRM_S``)."""
@@ -553,6 +574,8 @@ class SeatBoard:
                     "generation": generation,
                 },
             )
+        if releases:
+            self._released_at = now
         for release in releases:
             resource, device_id = release.key
             log.info(

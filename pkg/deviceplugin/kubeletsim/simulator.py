@@ -144,6 +144,8 @@ class KubeletSimulator(api_pb2_grpc.RegistrationServicer):
         self.endpoints: dict[str, Endpoint] = {}
         self._connected: dict[tuple[str, str], Endpoint] = {}
         self.pods: dict[tuple[str, str], Pod] = {}
+        self.list_calls = 0
+        """PodResources ``List`` calls answered (as the real kubelet, whatever it shows)."""
         # Pods a restart's re-admission refused, with the kubelet's reason.
         self.killed: dict[tuple[str, str], str] = {}
         # Pods a restart took down, until its re-admission runs.
@@ -542,6 +544,7 @@ class _PodResourcesServicer(pr_grpc.PodResourcesListerServicer):
         self, request: pr_pb2.ListPodResourcesRequest, context: grpc.ServicerContext
     ) -> pr_pb2.ListPodResourcesResponse:
         with self._kubelet._lock:
+            self._kubelet.list_calls += 1
             pods = [self._pod(pod) for pod in self._kubelet.pods.values()]
         return pr_pb2.ListPodResourcesResponse(pod_resources=pods)
 

@@ -360,13 +360,16 @@ class Runtime:
 
     def _reconcile_loop(self, pending: bool) -> None:
         """``pending``: the first wait is short (the answer at start left a holder
-        missing, or a lost ledger waiting for a second answer)."""
+        missing, or a lost ledger waiting for a second answer). A pass asks ``List``
+        only when its answer could change something (``SeatBoard.list_can_change``):
+        an idle node makes no call (each one wakes grpc's thread pool for about a
+        second; bench/README.md, "Idle")."""
         while not self._stop.wait(
             min(self.config.reconcile_interval, GONE_CONFIRM_S)
             if pending
             else self.config.reconcile_interval
         ):
-            pending = self.reconcile_once()
+            pending = self.board.list_can_change() and self.reconcile_once()
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.config.refresh_interval):

@@ -8,6 +8,7 @@ import pytest
 
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import (
     R1,
     R2,
@@ -300,3 +301,43 @@ def test_seat_removed_from_the_layout_while_held_stays_unhealthy_until_released(
     board.reconcile({(R2, DeviceId("G23-s2")): POD_A})
     gone(board, clock)
     assert DeviceId("G23-s2") not in {d.device_id for d in board.devices(R2)}
+
+
+def test_list_can_change_only_with_a_binding_a_recent_release_or_a_lost_ledger(
+    make_board: MakeBoard, clock: Clock, tmp_path: Path
+) -> None:
+    board = make_board(grace=60.0)
+    assert not board.list_can_change()  # an idle node: nothing List could end or give back
+    board.allocate(R1, [["G1-s3"]])
+    assert board.list_can_change()  # never seen yet: List would note its holder
+    board.reconcile({(R1, DeviceId("G1-s3")): POD_A})
+    assert board.list_can_change()  # seen: List would tell when it is gone
+    board.reconcile({})
+    assert board.list_can_change()  # missing once: ask again
+    clock.now += 2
+    board.reconcile({})
+    assert board.seat_views(R1)[DeviceId("G1-s3")].state == "free"
+    assert board.list_can_change()  # just released: its holder may show up again
+    clock.now += 59
+    assert board.list_can_change()
+    board.reconcile({(R1, DeviceId("G1-s3")): POD_A})  # and it does: same binding back
+    assert board.seat_views(R1)[DeviceId("G1-s3")].state == "held"
+    gone(board, clock)
+    clock.now += 61
+    assert not board.list_can_change()
+    # a lost ledger asks until PodResources has answered twice, 2 s apart
+    (tmp_path / "state" / "state.json").write_text("not json")
+    (tmp_path / "state" / "topology.json").write_text("{}")
+    lost = SeatBoard(
+        seed_layout(),
+        Policy(),
+        StateStore(tmp_path / "state", used_before="topology.json"),
+        release_grace_s=60,
+        clock=clock,
+        monotonic=clock,
+    )
+    assert lost.list_can_change()
+    lost.reconcile({})
+    clock.now += 2
+    lost.reconcile({})
+    assert not lost.list_can_change()
