@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NewType
+from typing import Literal, NewType
 
 ResourceName = NewType("ResourceName", str)
 """An extended resource, e.g. ``kyb.ai/gpu-2x-seat``."""
@@ -21,7 +21,36 @@ DeviceId = NewType("DeviceId", str)
 GroupName = NewType("GroupName", str)
 """A stable group name, e.g. ``G01``."""
 
-RESOURCE_PATTERN = re.compile(r"^kyb\.ai/gpu-(?P<size>[124])x-seat$")
+GROUP_SIZES = (1, 2, 4)
+"""The GPUs per group a seat resource can promise: ``kyb.ai/gpu-<size>x-seat``."""
+PARTITION_SIZES = (*GROUP_SIZES, 8)
+"""The group sizes the topology partition can form (8: a whole NVSwitch board, which
+no resource offers yet)."""
+SIZE_CHARACTERS = "[" + "".join(str(size) for size in GROUP_SIZES) + "]"
+"""A regular expression character class matching one of :data:`GROUP_SIZES`."""
+
+RESOURCE_PATTERN = re.compile(rf"^kyb\.ai/gpu-(?P<size>{SIZE_CHARACTERS})x-seat$")
+
+PlacementPolicy = Literal["spread", "pack"]
+"""Which seats GetPreferredAllocation prefers (config ``preferredAllocationPolicy``)."""
+DeviceListStrategy = Literal["envvar", "cdi"]
+"""How an Allocate answer names the GPUs (config ``deviceListStrategy``)."""
+CudaVisibleDevices = Literal["ordinal", "index", "uuid"]
+"""How ``CUDA_VISIBLE_DEVICES`` names the container's GPUs (config ``cudaVisibleDevices``;
+see ``allocator/response.py``)."""
+XidRecovery = Literal["probes", "never"]
+"""Whether a GPU comes back by its probes after a critical XID (config ``xidRecovery``)."""
+
+
+def seat_id(group: GroupName, k: int) -> DeviceId:
+    """The device ID of seat ``k`` of ``group``: ``G01`` and 2 -> ``G01-s2``."""
+    return DeviceId(f"{group}-s{k}")
+
+
+def seat_number(device_id: str) -> int:
+    """The ``k`` of a :func:`seat_id` (0 for an ID not of that form)."""
+    _, _, k = device_id.rpartition("-s")
+    return int(k) if k.isdigit() else 0
 
 
 def group_size_of(resource: ResourceName | str) -> int:

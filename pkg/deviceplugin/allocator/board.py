@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 
 from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator import placement, response
-from pkg.deviceplugin.allocator.layout import Group, Layout, Pins, Plan, Seat, seat_id
+from pkg.deviceplugin.allocator.layout import Group, Layout, Pins, Plan, Seat
 from pkg.deviceplugin.allocator.ledger import (
     GONE_CONFIRM_S,
     HANDOFF_S,
@@ -38,7 +38,16 @@ from pkg.deviceplugin.allocator.store import (
     encode_object,
     printable,
 )
-from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, SetAsideGpu, Topology
+from pkg.deviceplugin.types import (
+    CudaVisibleDevices,
+    DeviceId,
+    DeviceListStrategy,
+    GroupName,
+    ResourceName,
+    SetAsideGpu,
+    Topology,
+    seat_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +92,8 @@ class Policy:
     allow_overprovision: bool = False
     placement: placement.Strategy = "spread"
     drain: frozenset[GroupName] = frozenset()
-    device_list_strategy: Literal["envvar", "cdi"] = "envvar"
-    cuda_visible_devices: response.CudaVisibleDevices = "ordinal"
+    device_list_strategy: DeviceListStrategy = "envvar"
+    cuda_visible_devices: CudaVisibleDevices = "ordinal"
 
 
 @dataclass(frozen=True, slots=True)

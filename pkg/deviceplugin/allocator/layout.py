@@ -13,7 +13,7 @@ from functools import cached_property
 from types import MappingProxyType
 
 from pkg.deviceplugin.topology import grouping
-from pkg.deviceplugin.types import DeviceId, Gpu, GroupName, ResourceName, Topology
+from pkg.deviceplugin.types import DeviceId, Gpu, GroupName, ResourceName, Topology, seat_id
 
 MAX_DEVICE_ID_LENGTH = 63
 
@@ -74,10 +74,6 @@ class Group:
     @cached_property
     def numa_nodes(self) -> tuple[int, ...]:
         return tuple(sorted({g.numa_node for g in self.gpus if g.numa_node is not None}))
-
-
-def seat_id(group: GroupName, k: int) -> DeviceId:
-    return DeviceId(f"{group}-s{k}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from pkg.deviceplugin.types import DeviceId, GroupName
+from pkg.deviceplugin.types import DeviceId, GroupName, PlacementPolicy, seat_number
 
-Strategy = Literal["spread", "pack"]
+Strategy = PlacementPolicy
 
 
 @dataclass(frozen=True)
@@ -80,12 +79,7 @@ def choose(
     live = [i for i, pool in enumerate(pools) if pool]
     while len(chosen) < size and live:
         best = min(live, key=key)
-        take(best, min(pools[best], key=_seat_number))
+        take(best, min(pools[best], key=seat_number))
         if not pools[best]:
             live.remove(best)
     return chosen
-
-
-def _seat_number(device_id: str) -> int:
-    _, _, k = device_id.rpartition("-s")
-    return int(k) if k.isdigit() else 0

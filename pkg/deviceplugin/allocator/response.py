@@ -9,10 +9,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pkg.deviceplugin.allocator.layout import Seat
-from pkg.deviceplugin.types import ResourceName
+from pkg.deviceplugin.types import CudaVisibleDevices, ResourceName
 
 ANNOTATION_PREFIX = "kyb.ai/"
 CDI_KIND = "nvidia.com/gpu"
@@ -22,7 +21,6 @@ CONTROL_DEVICE = "/dev/nvidiactl"
 OPTIONAL_DEVICES = ("/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
 
-CudaVisibleDevices = Literal["ordinal", "index", "uuid"]
 """How ``CUDA_VISIBLE_DEVICES`` names the container's GPUs.
 
 ``ordinal``: ``0..n-1``. Under the NVIDIA container runtime and under CDI a container

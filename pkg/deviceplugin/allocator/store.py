@@ -61,6 +61,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
+from pkg.deviceplugin.types import SIZE_CHARACTERS
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
@@ -219,7 +221,7 @@ class _Sidecar(BaseModel):
 
     reserved: _Int = Field(ge=0, le=MAX_GENERATION)
     held_over: dict[
-        Annotated[str, Field(pattern=r"^[124]$")],
+        Annotated[str, Field(pattern=rf"^{SIZE_CHARACTERS}$")],
         list[tuple[_Str, list[Annotated[int, Strict(), Field(ge=0, le=MAX_GPU_INDEX)]]]],
     ] = Field(default_factory=dict, alias="heldOver")
 

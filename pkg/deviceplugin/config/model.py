@@ -25,7 +25,17 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from pkg.deviceplugin.types import RESOURCE_PATTERN, GroupName, ResourceName, group_size_of
+from pkg.deviceplugin.types import (
+    GROUP_SIZES,
+    RESOURCE_PATTERN,
+    CudaVisibleDevices,
+    DeviceListStrategy,
+    GroupName,
+    PlacementPolicy,
+    ResourceName,
+    XidRecovery,
+    group_size_of,
+)
 
 Loc = tuple[str | int, ...]
 
@@ -34,7 +44,6 @@ Loc = tuple[str | int, ...]
 MAX_SEATS_PER_GROUP = 64
 MAX_GROUP_NAME_LENGTH = 59
 GROUP_NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_GROUP_NAME_LENGTH - 1}}}$")
-GROUP_SIZES = (1, 2, 4)
 
 
 class EntryProblems(ValueError):
@@ -211,11 +220,11 @@ class Config(_Model):
     """Explicit GPU groups; they replace auto grouping for their size (a YAML list)."""
     allow_overprovision: bool = False
     """Offer every profile's seats even where their GPUs overlap a held seat of another."""
-    preferred_allocation_policy: Literal["spread", "pack"] = "spread"
+    preferred_allocation_policy: PlacementPolicy = "spread"
     """Prefer seats on the least used groups (spread) or fill groups up first (pack)."""
-    device_list_strategy: Literal["envvar", "cdi"] = "envvar"
+    device_list_strategy: DeviceListStrategy = "envvar"
     """Hand GPUs to containers as device specs (envvar) or as CDI device names (cdi)."""
-    cuda_visible_devices: Literal["ordinal", "index", "uuid"] = "ordinal"
+    cuda_visible_devices: CudaVisibleDevices = "ordinal"
     """What CUDA_VISIBLE_DEVICES lists: the container's own ordinals 0..n-1 (ordinal:
     under the NVIDIA runtime or CDI a container sees only its GPUs), host indices (index:
     containers that see every GPU), or UUIDs (uuid: right in both cases)."""
@@ -240,7 +249,7 @@ class Config(_Model):
     Setting it replaces the defaults; to add to them, use extraIgnoredXids."""
     extra_ignored_xids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = ()
     """XID events ignored on top of ignoredXids (comma-separated), e.g. 94."""
-    xid_recovery: Literal["probes", "never"] = "probes"
+    xid_recovery: XidRecovery = "probes"
     """Whether a GPU marked by a critical XID comes back once its probes pass (probes)
     or only after a plugin restart (never)."""
     kubelet_dir: ConfigPath = Path("/var/lib/kubelet/device-plugins")

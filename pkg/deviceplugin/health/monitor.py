@@ -39,14 +39,12 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from pkg.deviceplugin.nvml.backend import RECOVERY_ACTION_NONE, Backend, XidEvent
-from pkg.deviceplugin.types import Gpu
+from pkg.deviceplugin.types import Gpu, XidRecovery
 
 log = logging.getLogger("pkg.deviceplugin.health")
 
-XidRecovery = Literal["probes", "never"]
 
 RECOVERABLE_XIDS: frozenset[int] = frozenset({8, 11, 13, 31, 43, 45, 68, 69, 94, 109})
 """XIDs after which a GPU that answers its probes is fit again, where the driver has no

@@ -12,9 +12,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
-from pkg.deviceplugin.types import GroupName, Topology
+from pkg.deviceplugin.types import PARTITION_SIZES, GroupName, Topology
 
-GROUP_SIZES = (1, 2, 4, 8)
 MAX_EXACT_GPUS = 16
 """The search is exponential in the GPU count; beyond this it is refused, not slow."""
 
@@ -36,8 +35,8 @@ def partition(topology: Topology, size: int, gpus: Iterable[int] | None = None) 
 
     Returns ``len(gpus) // size`` groups, each sorted, ordered by their first index.
     """
-    if size not in GROUP_SIZES:
-        raise ValueError(f"group size must be one of {GROUP_SIZES}, got {size}")
+    if size not in PARTITION_SIZES:
+        raise ValueError(f"group size must be one of {PARTITION_SIZES}, got {size}")
     indices = _checked_indices(topology, gpus)
     if size == 1:
         return tuple((index,) for index in indices)

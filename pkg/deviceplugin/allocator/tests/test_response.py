@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pkg.deviceplugin.allocator import layout, response
+from pkg.deviceplugin.allocator import layout
 from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
 from pkg.deviceplugin.allocator.tests.support import R1, R2
-from pkg.deviceplugin.types import Gpu, GroupName, Topology
+from pkg.deviceplugin.types import CudaVisibleDevices, Gpu, GroupName, Topology
 
 # Four GPUs whose NVML indices are not in PCI bus order (a BIOS can enumerate so, and
 # NVML's index order is not promised to be the bus order): CUDA_DEVICE_ORDER=PCI_BUS_ID
@@ -63,7 +63,7 @@ def test_two_seats_of_one_gpu_count_it_once() -> None:
     [("ordinal", "0,1"), ("index", "3,1"), ("uuid", "GPU-333,GPU-111")],
 )
 def test_cuda_visible_devices_form_is_the_operators_choice(
-    form: response.CudaVisibleDevices, expected: str
+    form: CudaVisibleDevices, expected: str
 ) -> None:
     [answer] = board(Policy(allow_overprovision=True, cuda_visible_devices=form)).allocate(
         R2, [["G13-s2"]]

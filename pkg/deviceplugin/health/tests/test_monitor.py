@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from pkg.deviceplugin.health import monitor as monitor_mod
-from pkg.deviceplugin.health.monitor import GpuHealth, HealthMonitor, XidRecovery
+from pkg.deviceplugin.health.monitor import GpuHealth, HealthMonitor
 from pkg.deviceplugin.nvml import fixtures
 from pkg.deviceplugin.nvml.backend import NvmlError, Probe, XidEvent
 from pkg.deviceplugin.nvml.mock import MockBackend
 from pkg.deviceplugin.nvml.topofile import load_topology_file
-from pkg.deviceplugin.types import Gpu
+from pkg.deviceplugin.types import Gpu, XidRecovery
 
 UUIDS = ["GPU-00000000-0000-0000-0000-00000000000" + str(i) for i in range(2)]
 DEFAULT_IGNORED = (13, 31, 43, 45, 68, 109)
