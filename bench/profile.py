@@ -272,7 +272,7 @@ IMPORTS = [
     "prometheus_client",
     "jinja2",
     "pkg.deviceplugin.cli",
-    "pkg.deviceplugin.server.runtime",
+    "pkg.deviceplugin.runtime",
 ]
 
 _MEMORY_SCRIPT = """
@@ -302,7 +302,7 @@ def memory() -> None:
         [
             sys.executable,
             "-c",
-            "import sys, pkg.deviceplugin.cli, pkg.deviceplugin.server.runtime;"
+            "import sys, pkg.deviceplugin.cli, pkg.deviceplugin.runtime;"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))",
         ],
         cwd=REPO,

@@ -29,8 +29,8 @@ from pkg.deviceplugin.allocator.layout import LayoutError
 from pkg.deviceplugin.config import flags as config_flags
 from pkg.deviceplugin.config import loader as config_loader
 from pkg.deviceplugin.config.model import Config
+from pkg.deviceplugin.config.source import ConfigSource
 from pkg.deviceplugin.nvml.backend import Backend, NvmlError
-from pkg.deviceplugin.server.runtime import ConfigSource
 from pkg.deviceplugin.types import Topology
 
 log = logging.getLogger("kyb-device-plugin")
@@ -211,7 +211,7 @@ def _cap_malloc_arenas() -> None:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from pkg.deviceplugin.server.runtime import Runtime
+    from pkg.deviceplugin.runtime import Runtime
 
     _cap_malloc_arenas()
     backend, topology = _discover(args)

@@ -16,7 +16,7 @@ from pkg.deviceplugin import report
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.kubeletsim.simulator import AdmissionError, ContainerSpec, KubeletSimulator
 from pkg.deviceplugin.nvml import mock
-from pkg.deviceplugin.server.runtime import Runtime
+from pkg.deviceplugin.runtime import Runtime
 
 DEFAULT_TOPOLOGY = "dgx-a100"
 REGISTER_TIMEOUT_S = 10.0

@@ -6,15 +6,15 @@ from collections.abc import Iterable, Mapping
 from itertools import combinations
 from typing import Any, TextIO
 
+from pkg.deviceplugin import plan
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard
 from pkg.deviceplugin.config.model import Config
-from pkg.deviceplugin.server import runtime
 from pkg.deviceplugin.types import Topology
 
 
 def plan_document(config: Config, topology: Topology) -> dict[str, Any]:
     """The status shape for a fresh node (every seat free, generation 0) plus group links."""
-    layout = runtime.build_layout(config, topology)
+    layout = plan.build_layout(config, topology)
     board = SeatBoard(layout, Policy(), None, release_grace_s=config.release_grace_period)
     board.set_aside_gpus(topology.set_aside)
     doc = board.status()

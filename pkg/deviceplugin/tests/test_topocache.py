@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from hypothesis import given
 
+from pkg.deviceplugin import topocache
 from pkg.deviceplugin.allocator.tests.support import four_gpus_in_nvlink_pairs
 from pkg.deviceplugin.allocator.tests.test_store import FUZZ, damaged_bytes, damaged_shapes
-from pkg.deviceplugin.server import topocache
 from pkg.deviceplugin.types import Gpu, Topology
 
 

@@ -15,11 +15,13 @@ import pytest
 from pkg.deviceplugin import logs, report
 from pkg.deviceplugin.allocator.layout import LayoutError
 from pkg.deviceplugin.allocator.tests.support import four_gpus_in_nvlink_pairs
+from pkg.deviceplugin.config.source import ConfigSource
 from pkg.deviceplugin.nvml import fixtures
 from pkg.deviceplugin.nvml.backend import XidEvent
 from pkg.deviceplugin.nvml.mock import MockBackend
 from pkg.deviceplugin.nvml.topofile import load_topology_file
-from pkg.deviceplugin.server.runtime import ConfigSource, Runtime, merge_topology
+from pkg.deviceplugin.runtime import Runtime
+from pkg.deviceplugin.topology.merge import merge_topology
 from pkg.deviceplugin.types import SetAsideGpu, Topology
 
 PROFILES = "profiles:\n  - resource: kyb.ai/gpu-1x-seat\n    seatsPerGroup: 2\n"

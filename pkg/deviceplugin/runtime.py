@@ -20,29 +20,29 @@ Live changes:
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pkg.deviceplugin import logs, metrics
+from pkg.deviceplugin import logs, metrics, topocache
 from pkg.deviceplugin.allocator import layout as layout_mod
-from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config
+from pkg.deviceplugin.config.source import ConfigSource
 from pkg.deviceplugin.health.monitor import HealthMonitor
 from pkg.deviceplugin.nvml.backend import Backend
-from pkg.deviceplugin.server import dirwatch, topocache
+from pkg.deviceplugin.plan import explicit_gpus, plan_of, policy_of
+from pkg.deviceplugin.server import dirwatch
 from pkg.deviceplugin.server.dirwatch import DirWatch
 from pkg.deviceplugin.server.manager import PluginManager
 from pkg.deviceplugin.server.podresources import PodResourcesClient
-from pkg.deviceplugin.types import GroupName, ResourceName, Topology, group_size_of
+from pkg.deviceplugin.topology.merge import merge_topology
+from pkg.deviceplugin.types import Topology
 
 log = logging.getLogger(__name__)
 
@@ -55,112 +55,6 @@ CONFIG_SAFETY_POLL_S = 30.0
 # under a running process would strand sockets and state, so they wait for a restart.
 # So does the metrics address: the servers hold the recorder chosen at start.
 RESTART_ONLY = ("kubelet_dir", "pod_resources_socket", "state_dir", "metrics_address")
-
-
-def profile_specs(config: Config) -> list[layout_mod.ProfileSpec]:
-    return [
-        layout_mod.ProfileSpec(
-            ResourceName(p.resource), group_size_of(p.resource), p.seats_per_group
-        )
-        for p in config.profiles
-    ]
-
-
-def group_specs(config: Config) -> list[layout_mod.GroupSpec]:
-    return [layout_mod.GroupSpec(GroupName(g.name), tuple(g.gpus)) for g in config.groups]
-
-
-def policy_of(config: Config) -> Policy:
-    return Policy(
-        allow_overprovision=config.allow_overprovision,
-        placement=config.preferred_allocation_policy,
-        drain=frozenset(GroupName(name) for name in config.drain),
-        device_list_strategy=config.device_list_strategy,
-        cuda_visible_devices=config.cuda_visible_devices,
-    )
-
-
-def build_layout(
-    config: Config, topology: Topology, pins: layout_mod.Pins | None = None
-) -> layout_mod.Layout:
-    return layout_mod.build(profile_specs(config), group_specs(config), topology, pins)
-
-
-def plan_of(config: Config, topology: Topology) -> layout_mod.Plan:
-    """The layout ``config`` gives on ``topology``, for whatever groups are held."""
-    return functools.partial(build_layout, config, topology)
-
-
-def explicit_gpus(config: Config) -> set[int]:
-    return {index for group in config.groups for index in group.gpus}
-
-
-@dataclass
-class ConfigSource:
-    """Where the config comes from: a file (None: the default path) plus flag/env overrides."""
-
-    path: Path | None = None
-    overrides: Mapping[str, str] = field(default_factory=dict)
-
-    def load(self) -> Config:
-        return loader.load(self.path, self.overrides)
-
-    def origin(self, key: str) -> str:
-        """Where config key ``key`` (as the file spells it) came from: its flag or env
-        var, else the file (or the built-in default when the default file is absent)."""
-        if key in self.overrides:
-            return loader.origin_of(self.overrides, key)
-        path = self.path or loader.DEFAULT_CONFIG_PATH
-        if self.path is None and not path.exists() and not path.is_symlink():
-            return loader.BUILTIN_SOURCE
-        return str(path)
-
-    def dirs(self) -> list[Path]:
-        """The directories whose changes may change the file: its own, and its target's
-        through symlinks (resolved anew each time: a ConfigMap swaps them)."""
-        path = self.path or loader.DEFAULT_CONFIG_PATH
-        # A directory not there yet: its nearest ancestor that is sees it come.
-        return [_existing(path.parent), _existing(path.resolve().parent)]
-
-    def fingerprint(self) -> str | None:
-        """A digest of the file's content now (through symlinks); None when unreadable."""
-        try:
-            data = loader.read_bounded(self.path or loader.DEFAULT_CONFIG_PATH)
-        except OSError:
-            return None
-        return hashlib.sha256(data).hexdigest()
-
-
-def _existing(directory: Path) -> Path:
-    while not directory.is_dir() and directory != directory.parent:
-        directory = directory.parent
-    return directory
-
-
-def merge_topology(known: Topology, fresh: Topology) -> tuple[Topology, list[int]]:
-    """Known GPUs plus the ones that appeared; returns the merge and the new indices.
-
-    Links the known topology lacks come from ``fresh`` wherever it sees both ends: a GPU
-    that appeared while another was off the bus learns its link to that one when it
-    comes back. Known links are kept (a refresh does not regroup anything).
-    """
-    known_uuids = {g.uuid for g in known.gpus}
-    added = [g for g in fresh.gpus if g.uuid not in known_uuids]
-    taken = {g.index for g in added}
-    gpus = [g for g in known.gpus if g.index not in taken] + added
-    uuid_of = {g.index: g.uuid for g in gpus}
-    seen = {g.index for g in fresh.gpus if uuid_of.get(g.index) == g.uuid}
-    learned = {
-        pair: link
-        for pair, link in fresh.links.items()
-        if set(pair) <= seen and pair not in known.links
-    }
-    if not added and not learned:
-        if fresh.set_aside == known.set_aside:
-            return known, []
-        return Topology(known.gpus, known.links, fresh.set_aside), []
-    kept = {pair: link for pair, link in known.links.items() if not set(pair) & taken}
-    return Topology(tuple(gpus), {**kept, **learned}, fresh.set_aside), [g.index for g in added]
 
 
 class Runtime:
