@@ -163,7 +163,7 @@ def open_backend(mock: str | None, library: str | None = None) -> Backend:
             mocklib.install(pynvml, Path(library))
         except OSError as exc:
             raise NvmlError(f"cannot load NVML library {library}: {exc}") from exc
-    from pkg.deviceplugin.topology import smi
+    from pkg.deviceplugin.nvml import smi
 
     return real.RealBackend(pynvml, smi_links=smi.run_topo_matrix)
 

@@ -59,7 +59,7 @@ import grpc
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.api.podresources.v1 import api_pb2 as pr_pb2
 from pkg.deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
-from pkg.deviceplugin.server.podresources import rpc_detail
+from pkg.deviceplugin.grpcutil import rpc_detail
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Two implementations exist: :mod:`pkg.deviceplugin.nvml.real` (pynvml, or the mock NVML
 library loaded through pynvml) and :mod:`pkg.deviceplugin.nvml.mock` (a topology file).
-Nothing outside ``cmd/`` chooses between them; everything else takes a ``Backend``.
+Only the composition root (``pkg/deviceplugin/cli.py``) chooses between them; everything
+else takes a ``Backend``.
 """
 
 from __future__ import annotations

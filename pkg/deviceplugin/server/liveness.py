@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from pkg.deviceplugin.server.podresources import unix_target
+from pkg.deviceplugin.grpcutil import unix_target
 from pkg.deviceplugin.types import ResourceName, socket_name_of
 
 

@@ -10,6 +10,7 @@ import grpc
 
 from pkg.deviceplugin.allocator.ledger import Holder, SeatKey
 from pkg.deviceplugin.api.podresources.v1 import api_pb2, api_pb2_grpc
+from pkg.deviceplugin.grpcutil import rpc_detail, unix_target
 from pkg.deviceplugin.types import RESOURCE_PATTERN, DeviceId, ResourceName
 
 log = logging.getLogger(__name__)
@@ -20,15 +21,6 @@ CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
-
-
-def unix_target(path: Path) -> str:
-    return f"unix://{path.absolute()}"
-
-
-def rpc_detail(exc: grpc.RpcError) -> str:
-    """What a failed call's peer said (its status details), else the error itself."""
-    return str(exc.details()) if isinstance(exc, grpc.Call) else str(exc)
 
 
 class PodResourcesClient:

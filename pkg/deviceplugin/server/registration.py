@@ -7,8 +7,8 @@ from pathlib import Path
 import grpc
 
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pkg.deviceplugin.grpcutil import rpc_detail, unix_target
 from pkg.deviceplugin.server.plugin import plugin_options
-from pkg.deviceplugin.server.podresources import rpc_detail, unix_target
 from pkg.deviceplugin.types import ResourceName
 
 API_VERSION = "v1beta1"

@@ -334,7 +334,7 @@ def test_close_wakes_a_waiter_on_a_node_without_events(make_fake: MakeFake, sysf
 def test_pairs_nvml_cannot_place_come_from_nvidia_smi_topo(
     make_fake: MakeFake, sysfs: Path
 ) -> None:
-    from pkg.deviceplugin.topology import smi
+    from pkg.deviceplugin.nvml import smi
 
     fake = make_fake("pcie-2numa-4", unsupported={"nvmlDeviceGetTopologyCommonAncestor"})
     words = [[link.word for link in row] for row in fake.topo.matrix()]
@@ -353,7 +353,7 @@ def test_pairs_nvml_cannot_place_come_from_nvidia_smi_topo(
 
 
 def test_a_failing_nvidia_smi_leaves_the_numa_guess(make_fake: MakeFake, sysfs: Path) -> None:
-    from pkg.deviceplugin.topology.smi import SmiError
+    from pkg.deviceplugin.nvml.smi import SmiError
 
     fake = make_fake("pcie-2numa-4", unsupported={"nvmlDeviceGetTopologyCommonAncestor"})
 
@@ -368,7 +368,7 @@ def test_a_failing_nvidia_smi_leaves_the_numa_guess(make_fake: MakeFake, sysfs: 
 
 def smi_of(topo: Topology) -> Callable[[], dict[tuple[int, int], Link]]:
     """``nvidia-smi topo -m`` as it would print ``topo``, parsed."""
-    from pkg.deviceplugin.topology import smi
+    from pkg.deviceplugin.nvml import smi
 
     n = len(topo.gpus)
     words = [[link.word for link in row] for row in topo.matrix()]

@@ -119,7 +119,7 @@ class Watch:
         return False
 
     def cancel(self) -> None:
-        self.call.cancel()
+        self.call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
 
 def health(message: api_pb2.ListAndWatchResponse) -> dict[str, str]:

@@ -183,7 +183,7 @@ def test_the_first_list_is_every_seat_of_its_own_profile_healthy_on_its_numa_nod
     assert set(health(node.serve(R1).watch().message())) == SEATS_1X
 
 
-def test_a_seat_held_in_one_profile_streams_the_overlapping_seats_of_another_unhealthy_until_released(
+def test_a_held_seat_streams_the_overlapping_seats_of_another_profile_unhealthy_until_released(
     make_node: MakeNode,
 ) -> None:
     node = make_node(Policy(allow_overprovision=False))

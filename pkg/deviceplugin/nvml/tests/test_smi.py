@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pkg.deviceplugin.topology import smi
+from pkg.deviceplugin.nvml import smi
 from pkg.deviceplugin.types import Link
 
 FIXTURES = Path(__file__).parent / "fixtures"
