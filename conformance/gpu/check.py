@@ -84,7 +84,8 @@ def _driver(library: str | None) -> object | None:
             print(f"GPU {index}: {uuid} {name} ({mig})")
     finally:
         pynvml.nvmlShutdown()
-    return pynvml
+    module: object = pynvml
+    return module
 
 
 def _step(title: str, run: object) -> bool:
@@ -132,7 +133,8 @@ def _serve(nvml_args: list[str], plan: dict[str, object], seconds: float) -> boo
     root = Path(tempfile.mkdtemp(prefix="kyb-gpu-", dir="/tmp"))
     kubelet = KubeletSimulator(root / "dp", root / "pr" / "kubelet.sock")
     kubelet.start()
-    resources = sorted(plan.get("resources", {}))  # type: ignore[arg-type]
+    listed = plan.get("resources", {})
+    resources = sorted(listed) if isinstance(listed, dict) else []
     log_path = root / "plugin.log"
     command = _plugin(
         "serve",

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +163,7 @@ class Node:
 
 def node(
     topology: str = TOPOLOGY, config_text: str | None = None, extra_args: Sequence[str] = ()
-) -> Iterator[Node]:
+) -> Generator[Node, None, None]:
     root = short_tmpdir()
     kubelet = KubeletSimulator(root / "dp", root / "pr" / "kubelet.sock")
     kubelet.start()

@@ -437,7 +437,8 @@ def test_json_log_format_writes_one_object_per_line_with_each_events_context(
     def find(text: str, **context: object) -> dict[str, Any]:
         for record in records:
             if text in record["msg"] and context.items() <= record.items():
-                return record
+                found: dict[str, Any] = record
+                return found
         raise AssertionError(f"no {text!r} line with {context} in:\n" + "\n".join(lines))
 
     for resource in (R1, R2):

@@ -27,7 +27,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +100,10 @@ class PodResourcesPlug:
 
     def plug_in(self) -> None:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        pr_grpc.add_PodResourcesListerServicer_to_server(_PassThrough(self._upstream), server)
+        # only List passes through (the plugin asks nothing else); the others answer
+        # UNIMPLEMENTED, as the base servicer does
+        passthrough = _PassThrough(self._upstream)  # type: ignore[abstract]
+        pr_grpc.add_PodResourcesListerServicer_to_server(passthrough, server)
         server.add_insecure_port(f"unix://{self.path}")
         server.start()
         self._server = server
@@ -157,7 +160,7 @@ class Held:
 class PluginModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self._nodes: Iterator[support.Node] = support.node(config_text=config(False))
+        self._nodes: Generator[support.Node, None, None] = support.node(config_text=config(False))
         self.node = next(self._nodes)
         self.node.topology = str(support.write_topology(self.node.root / "topology.yaml"))
         self.plug = PodResourcesPlug(

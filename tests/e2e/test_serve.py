@@ -62,7 +62,7 @@ def test_allocate_returns_the_seat_envs_annotations_and_minor_numbered_device_sp
     assert envs["KYB_RESOURCE"] == resource
     indices = [int(i) for i in envs["KYB_GPU_INDICES"].split(",")]
     gpus = [TOPOLOGY.gpu(i) for i in indices]
-    pairs = {grouping.group_name(m): list(m) for m in grouping.partition(TOPOLOGY, 2)}
+    pairs = {str(grouping.group_name(m)): list(m) for m in grouping.partition(TOPOLOGY, 2)}
     assert sorted(indices) == pairs[envs["KYB_GPU_GROUP"]]
     # the container's own CUDA ordinals, its GPUs listed in PCI bus order
     assert envs["CUDA_VISIBLE_DEVICES"] == "0,1"
@@ -115,7 +115,8 @@ def test_unknown_or_duplicate_ids_are_invalid_argument_and_the_server_stays_up(
                 timeout=5,
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert ids[0] in err.value.details()
+        details = err.value.details()
+        assert details is not None and ids[0] in details
     options = plugin.GetDevicePluginOptions(api_pb2.Empty(), timeout=5)
     assert options.get_preferred_allocation_available
     assert serving.process is not None and serving.process.poll() is None
@@ -137,7 +138,8 @@ def test_a_flood_of_unknown_ids_is_invalid_argument_with_a_short_message(
                 timeout=30,
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-        assert len(err.value.details()) < 1000
+        details = err.value.details()
+        assert details is not None and len(details) < 1000
     assert max(len(line) for line in serving.log().splitlines()) < 2000
 
 

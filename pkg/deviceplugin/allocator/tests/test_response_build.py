@@ -12,7 +12,7 @@ import pytest
 
 from pkg.deviceplugin.allocator import response
 from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
-from pkg.deviceplugin.types import DeviceId, ResourceName
+from pkg.deviceplugin.types import CudaVisibleDevices, DeviceId, ResourceName
 
 LAYOUT = seed_layout()  # four GPUs in NVLink pairs, minor numbers 10..13
 
@@ -31,9 +31,7 @@ def uuid(index: int) -> str:
 
 
 def test_every_fact_is_an_env_and_a_kyb_annotation_alike(tmp_path: Path) -> None:
-    answer = response.build(
-        R2, bound(R2, ("G23-s2", 7)), strategy="envvar", dev_root=tmp_path
-    )
+    answer = response.build(R2, bound(R2, ("G23-s2", 7)), strategy="envvar", dev_root=tmp_path)
     facts = {
         "gpu-group": "G23",
         "gpu-seat": "G23-s2",
@@ -99,7 +97,7 @@ def test_uvm_nodes_are_looked_for_under_the_device_root_not_on_the_host(tmp_path
 
 @pytest.mark.parametrize("form", ["ordinal", "index", "uuid"])
 def test_the_cdi_strategy_names_each_gpu_once_by_uuid_and_no_device_node(
-    tmp_path: Path, form: response.CudaVisibleDevices
+    tmp_path: Path, form: CudaVisibleDevices
 ) -> None:
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev" / "nvidia-uvm").touch()

@@ -57,9 +57,7 @@ def served() -> Iterator[list[ServedPlugin]]:
         plugin.stop()
 
 
-def serve(
-    served: list[ServedPlugin], kubelet_dir: Path, plugin: SeatPlugin
-) -> ServedPlugin:
+def serve(served: list[ServedPlugin], kubelet_dir: Path, plugin: SeatPlugin) -> ServedPlugin:
     one = ServedPlugin(plugin, kubelet_dir / socket_name_of(plugin.resource))
     served.append(one)
     return one

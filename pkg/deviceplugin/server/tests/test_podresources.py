@@ -13,7 +13,8 @@ import pytest
 
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.tests.support import R1, R2
-from pkg.deviceplugin.server.podresources import PodResourcesClient, rpc_detail, unix_target
+from pkg.deviceplugin.grpcutil import rpc_detail, unix_target
+from pkg.deviceplugin.server.podresources import PodResourcesClient
 from pkg.deviceplugin.server.tests.support import (
     PodResourcesServer,
     pod,
