@@ -21,7 +21,7 @@ def plan_document(config: Config, topology: Topology) -> dict[str, Any]:
     for resource, group in layout.groups():
         entry = doc["resources"][resource]["groups"][group.name]
         entry["links"] = {
-            f"{a}-{b}": topology.link(a, b).word for a, b in combinations(group.indices, 2)
+            f"{a}-{b}": topology.link(a, b).word for a, b in combinations(sorted(group.indices), 2)
         }
     return doc
 

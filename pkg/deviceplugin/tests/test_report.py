@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from pkg.deviceplugin import report
 from pkg.deviceplugin.allocator.board import Policy, SeatBoard, settle
 from pkg.deviceplugin.allocator.store import StateStore
@@ -92,11 +90,6 @@ def test_a_plan_follows_the_configs_groups() -> None:
     assert set(groups["G03"]["seats"]) == {"G03-s0", "G03-s1"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: plan_document keys links in the config's GPU order ('3-0'), "
-    "SPEC 9 says i-j with i < j",
-)
 def test_a_plan_keys_links_low_index_first_whatever_order_the_config_lists_gpus() -> None:
     doc = report.plan_document(
         config(
