@@ -17,7 +17,11 @@ from pkg.deviceplugin.nvml.topofile import load_topology_file
 REPO = Path(__file__).resolve().parents[2]
 CHECK = REPO / "conformance" / "gpu" / "check.py"
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) here")
+# Brings its own topology (SPEC 8: tox runs it once, not per topology).
+pytestmark = [
+    pytest.mark.own_topology,
+    pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) here"),
+]
 
 
 def run_check(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:

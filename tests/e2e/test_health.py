@@ -9,6 +9,9 @@ import pytest
 
 from tests.e2e import support
 
+# Brings its own topology (SPEC 8: tox runs it once, not per topology).
+pytestmark = pytest.mark.own_topology
+
 R1, R2 = "kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat"
 
 

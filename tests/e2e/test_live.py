@@ -18,6 +18,9 @@ from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2
 from pkg.deviceplugin.kubeletsim.simulator import ContainerSpec
 from tests.e2e import hostile, support
 
+# Brings its own topology (SPEC 8: tox runs it once, not per topology).
+pytestmark = pytest.mark.own_topology
+
 R1, R2, R4 = "kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat", "kyb.ai/gpu-4x-seat"
 BASE = f"""profiles:
   - resource: {R1}

@@ -356,6 +356,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+@pytest.mark.own_topology
 def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback() -> None:
     root = support.short_tmpdir()
     config = root / "bad.yaml"
@@ -370,6 +371,7 @@ def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback() -> None
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.own_topology
 def test_tab_indentation_gets_its_own_message() -> None:
     config = support.short_tmpdir() / "tabs.yaml"
     config.write_text("profiles:\n\t- resource: kyb.ai/gpu-1x-seat\n")
@@ -379,6 +381,7 @@ def test_tab_indentation_gets_its_own_message() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.own_topology
 def test_an_unknown_gpu_index_in_a_group_names_the_file_and_key_path() -> None:
     config = support.short_tmpdir() / "groups.yaml"
     config.write_text(
@@ -392,6 +395,7 @@ def test_an_unknown_gpu_index_in_a_group_names_the_file_and_key_path() -> None:
     assert "G99" in line
 
 
+@pytest.mark.own_topology
 def test_groups_from_a_flag_name_the_flag_not_the_file() -> None:
     done = run_cli("plan", "--nvml-mock", "dgx-a100", "--groups", "[{name: G0x, gpus: [0, 42]}]")
     assert done.returncode == 2
@@ -399,6 +403,7 @@ def test_groups_from_a_flag_name_the_flag_not_the_file() -> None:
     assert line.startswith("error: --groups: groups[0].gpus: unknown GPU index 42"), line
 
 
+@pytest.mark.own_topology
 def test_more_gpus_than_exact_grouping_handles_is_one_line_naming_the_limit() -> None:
     root = support.short_tmpdir()
     count = 17
@@ -445,6 +450,7 @@ def test_more_gpus_than_exact_grouping_handles_is_one_line_naming_the_limit() ->
     assert len(json.loads(single.stdout)["resources"]["kyb.ai/gpu-1x-seat"]["groups"]) == count
 
 
+@pytest.mark.own_topology
 def test_no_gpu_and_no_mock_is_one_line_and_exit_1() -> None:
     env = {"LD_LIBRARY_PATH": "", "KYB_NVML_MOCK": ""}
     done = run_cli("plan", env=env)
@@ -456,6 +462,7 @@ def test_no_gpu_and_no_mock_is_one_line_and_exit_1() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.own_topology
 def test_unknown_mock_name_lists_the_built_in_fixtures() -> None:
     done = run_cli("plan", "--nvml-mock", "no-such-box")
     assert done.returncode == 1
@@ -463,12 +470,14 @@ def test_unknown_mock_name_lists_the_built_in_fixtures() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.own_topology
 def test_bad_flag_is_usage_error_exit_2() -> None:
     done = run_cli("plan", "--no-such-flag")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.own_topology
 def test_the_cmd_package_keeps_the_standard_cmd_module_and_pdb_working() -> None:
     probe = (
         "import runpy, sys\n"
@@ -492,6 +501,7 @@ def test_the_cmd_package_keeps_the_standard_cmd_module_and_pdb_working() -> None
     assert "serve" in help_run.stdout
 
 
+@pytest.mark.own_topology
 def test_demo_registers_every_profile_admits_pods_and_exits_zero() -> None:
     done = run_cli("demo")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -641,6 +651,7 @@ def _limit_memory() -> None:  # pragma: no cover - runs in the child
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
 
+@pytest.mark.own_topology
 @pytest.mark.parametrize("kind", sorted(hostile.HOSTILE_CONFIGS))
 def test_a_hostile_config_exits_2_with_one_line_naming_the_file(kind: str) -> None:
     """Issue 18: an alias bomb hung `plan` (4 GB, killed at 90 s), deep nesting exited 1
@@ -661,6 +672,7 @@ def test_a_hostile_config_exits_2_with_one_line_naming_the_file(kind: str) -> No
     assert len(lines) == 1 and str(config) in lines[0], done.stderr[-2000:]
 
 
+@pytest.mark.own_topology
 @pytest.mark.parametrize("kind", ["alias bomb", "5000-deep flow nesting"])
 def test_a_hostile_mock_topology_file_is_one_line(kind: str) -> None:
     topology = support.short_tmpdir() / "hostile-topology.yaml"
