@@ -455,12 +455,8 @@ def trial_admissions(kills: int, rng: random.Random) -> Result:
                     gone = rng.choice(sorted(live))
                     node.kubelet.delete(gone)
                     del live[gone]
-            process.wait(10)
-            node.process = None
             generations.restarted()
-            before = {r: node.kubelet.endpoints[r].registrations for r in RESOURCES}
-            node.start_plugin()
-            if not node.wait_registered(RESOURCES, timeout=15.0, after=before):
+            if not _restart(node):  # the timer killed it; reaped, then started again
                 result.fail(f"kill {k}: not registered again")
                 break
             try:
