@@ -21,7 +21,8 @@ import grpc
 from bench.node import RESOURCES, SEATS_PER_GROUP, BenchError, short_tmpdir, topology_of
 from bench.stats import Row, Target, percentile, row
 from pkg.deviceplugin.allocator import layout as layout_mod
-from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.server.manager import PluginManager

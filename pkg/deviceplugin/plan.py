@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 
 from pkg.deviceplugin.allocator import layout as layout_mod
-from pkg.deviceplugin.allocator.board import Policy
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.types import (
     DeviceId,

@@ -7,7 +7,8 @@ from itertools import combinations
 from typing import Any, TextIO
 
 from pkg.deviceplugin import plan
-from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.types import Topology
 

@@ -8,10 +8,12 @@ available), several seats go to distinct groups where possible, close in topolog
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pkg.deviceplugin.types import DeviceId, GroupName, PlacementPolicy, seat_number
+from pkg.deviceplugin.allocator.layout import Layout
+from pkg.deviceplugin.allocator.views import GOOD_STATES, GroupKey, SeatView
+from pkg.deviceplugin.types import DeviceId, GroupName, PlacementPolicy, ResourceName, seat_number
 
 Strategy = PlacementPolicy
 
@@ -83,3 +85,63 @@ def choose(
         if not pools[best]:
             live.remove(best)
     return chosen
+
+
+def prefer(
+    views: Mapping[DeviceId, SeatView],
+    held: Mapping[GroupKey, int],
+    resource: ResourceName,
+    available: Sequence[DeviceId],
+    must_include: Sequence[DeviceId],
+    size: int,
+    *,
+    strategy: Strategy,
+    closeness: Callable[[GroupName, GroupName], int],
+) -> list[DeviceId]:
+    """:func:`choose` over the seats of ``available`` this profile shows (``views``;
+    ``held``: held seats per group). The seats of one group in one condition rank alike
+    but for their number: they make one candidate."""
+    pools: dict[tuple[GroupName, bool], list[DeviceId]] = {}
+    for device_id in dict.fromkeys(available):
+        view = views.get(device_id)
+        if view is not None:
+            pools.setdefault((view.group, view.state in GOOD_STATES), []).append(device_id)
+    candidates = [
+        Candidate(group, good, held.get((resource, group), 0), tuple(seats))
+        for (group, good), seats in pools.items()
+    ]
+    return choose(candidates, must_include, size, strategy=strategy, closeness=closeness)
+
+
+class Closeness:
+    """Group-to-group link quality, the worst link between their GPUs (0 for groups of
+    the same GPUs, or one the layout lacks), memoised per layout: placement asks it per
+    seat."""
+
+    def __init__(self) -> None:
+        self._layout: Layout | None = None
+        self._known: dict[tuple[ResourceName, GroupName, GroupName], int] = {}
+
+    def of(self, layout: Layout, resource: ResourceName) -> Callable[[GroupName, GroupName], int]:
+        if self._layout is not layout:
+            self._known = {}
+            self._layout = layout
+        known = self._known
+        profile = layout.profiles.get(resource)
+        groups = {g.name: g for g in profile.groups} if profile is not None else {}
+        topology = layout.topology
+
+        def closeness(a: GroupName, b: GroupName) -> int:
+            score = known.get((resource, a, b))
+            if score is None:
+                ga, gb = groups.get(a), groups.get(b)
+                score = known[(resource, a, b)] = (
+                    0
+                    if ga is None or gb is None or set(ga.indices) == set(gb.indices)
+                    else min(
+                        topology.link(x, y).score for x in ga.indices for y in gb.indices if x != y
+                    )
+                )
+            return score
+
+        return closeness

@@ -61,7 +61,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
-from pkg.deviceplugin.types import SIZE_CHARACTERS
+from pkg.deviceplugin.types import SIZE_CHARACTERS, GroupName
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class StateStore:
                 self._journal_file.close()
             self._journal_file = None
 
-    def sidecar(self) -> tuple[int, dict[int, list[tuple[str, tuple[int, ...]]]]]:
+    def sidecar(self) -> tuple[int, dict[int, list[tuple[GroupName, tuple[int, ...]]]]]:
         """What :data:`RESERVATION_FILE` keeps: the generation reservation (every
         generation ever handed out is below it; 0 when there is none) and the groups
         held over from an earlier config or topology (per group size, name and GPU
@@ -425,7 +425,7 @@ class StateStore:
             log.error("generation reservation %s is damaged; %s", path, set_aside(path))
             return 0, {}
         held = {
-            int(size): [(name, tuple(gpus)) for name, gpus in groups]
+            int(size): [(GroupName(name), tuple(gpus)) for name, gpus in groups]
             for size, groups in checked.held_over.items()
         }
         return checked.reserved, held

@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from pkg.deviceplugin.allocator.board import AllocationError, DeviceView, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.requests import AllocationError
+from pkg.deviceplugin.allocator.views import DeviceView
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.metrics import NullMetrics, Recorder
 from pkg.deviceplugin.server.podresources import PodResourcesClient

@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 from pkg.deviceplugin import cli, report
-from pkg.deviceplugin.allocator.board import Policy, SeatBoard, settle
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.durable import settle
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
 from pkg.deviceplugin.server.plugin import SeatPlugin

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from pkg.deviceplugin import report
-from pkg.deviceplugin.allocator.board import Policy, SeatBoard, settle
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.durable import settle
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, four_gpus_in_nvlink_pairs, seed_layout
 from pkg.deviceplugin.config import loader

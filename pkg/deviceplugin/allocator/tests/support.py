@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pkg.deviceplugin.allocator import layout
-from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.types import Gpu, GroupName, ResourceName, Topology
 

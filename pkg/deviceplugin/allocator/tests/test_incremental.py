@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pkg.deviceplugin.allocator import layout
-from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.policy import Policy
+from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import (
     R1,
@@ -164,8 +166,7 @@ class IncrementalMachine(RuleBasedStateMachine):
     def encoded_state_equals_encoding_it_all_again(self) -> None:
         board: Any = self.board
         kept = board._state_fields()
-        board._encoded.clear()
-        board._encoded_retired = None
+        board._encoder.forget_all()
         assert kept == board._state_fields()
 
     @invariant()

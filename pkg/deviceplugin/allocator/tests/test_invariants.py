@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pkg.deviceplugin.allocator import layout
-from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.policy import Policy
+from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import (
     R1,

@@ -14,10 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pkg.deviceplugin.allocator import board as board_mod
+from pkg.deviceplugin.allocator import durable
 from pkg.deviceplugin.allocator import store as store_mod
-from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, Holder, floor_after_loss
+from pkg.deviceplugin.allocator.policy import Policy
+from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import (
     R1,
@@ -107,7 +109,7 @@ def test_a_new_binding_is_durable_in_the_journal_before_the_state_file(tmp_path:
     # nothing was lost, but nothing could tell if a line had been: generations go on
     # from above the reservation, never from a number the journal might have held
     reserved = reservation(tmp_path)
-    assert reserved == 1 + board_mod.RESERVE_AHEAD
+    assert reserved == 1 + durable.RESERVE_AHEAD
     assert restarted.allocate(R2, [["G01-s1"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
     assert restarted.allocate(R2, [["G01-s2"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
 
@@ -163,7 +165,7 @@ def test_the_state_file_follows_on_the_writer_thread_and_empties_the_journal(
 ) -> None:
     board = SeatBoard(seed_layout(), Policy(), StateStore(tmp_path), release_grace_s=60)
     board.allocate(R2, [["G01-s1"]])
-    board_mod.settle()
+    durable.settle()
     assert saved_state(tmp_path, R2, "G01", "G01-s1") == "held"
     assert journal_lines(tmp_path) == []
 

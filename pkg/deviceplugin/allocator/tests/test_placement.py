@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pkg.deviceplugin.allocator import placement
-from pkg.deviceplugin.allocator.board import Policy
 from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.tests.support import R1, R2, MakeBoard
 from pkg.deviceplugin.types import DeviceId, GroupName
 

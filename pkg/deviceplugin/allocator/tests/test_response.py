@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkg.deviceplugin.allocator import layout
-from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.policy import Policy
+from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.tests.support import R1, R2
 from pkg.deviceplugin.types import CudaVisibleDevices, Gpu, GroupName, Topology
 

@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pkg.deviceplugin.allocator import store as store_mod
-from pkg.deviceplugin.allocator.board import AllocationError, Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, floor_after_loss
+from pkg.deviceplugin.allocator.policy import Policy
+from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, model_examples, seed_layout
 from pkg.deviceplugin.types import DeviceId, ResourceName

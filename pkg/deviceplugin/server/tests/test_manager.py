@@ -22,7 +22,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc

@@ -14,10 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pkg.deviceplugin.allocator.board import DeviceView, Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, seed_layout
+from pkg.deviceplugin.allocator.views import DeviceView
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2
 from pkg.deviceplugin.server.plugin import MAX_STREAMS, SeatPlugin, device_message
 from pkg.deviceplugin.server.podresources import PodResourcesClient
