@@ -13,19 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import celpy
-import kubernetes_validate
 import pytest
 import yaml
 from celpy import celtypes
 
 from codegen import __main__ as cli
 from codegen import manifests, stubs
+from codegen.tests import support
 from pkg.deviceplugin.config import loader
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# The newest Kubernetes release whose schemas kubernetes-validate ships; pinned so a
-# package upgrade cannot change what this test means without a diff here.
-KUBERNETES = "1.37.0"
+REPO_ROOT = support.REPO_ROOT
 
 KUBELET_DIR = "/var/lib/kubelet/device-plugins"
 POD_RESOURCES_DIR = "/var/lib/kubelet/pod-resources"
@@ -43,10 +40,12 @@ A100_CONFIG = {
     ],
     "groups": [{"name": "G01", "gpus": [0, 1]}, {"name": "G23", "gpus": [2, 3]}],
     "allowOverprovision": True,
+    "metricsAddress": "0.0.0.0:9500",
 }
 H100_CONFIG = {
     "profiles": [{"resource": "kyb.ai/gpu-4x-seat", "seatsPerGroup": 2}],
     "preferredAllocationPolicy": "pack",
+    "metricsAddress": ":9400",
 }
 # A distribution with its own kubelet root: the host mounts must follow the config.
 K0S_CONFIG = {
@@ -56,6 +55,7 @@ K0S_CONFIG = {
     "stateDir": "/var/lib/k0s/kyb",
 }
 CLUSTER_SCOPED = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+POD_MONITOR = ("monitoring.coreos.com/v1", "PodMonitor")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 RESOURCES = {
     "requests": {"cpu": "50m", "memory": "96Mi"},
@@ -78,11 +78,15 @@ THREE_POOLS = {
     "namespace": "gpu-plugins",
     "image": "registry.example/kyb/kyb-device-plugin:1.2.3",
     "pools": [
-        _pool("a100", "a100", A100_CONFIG, tolerations=[GPU_TOLERATION]),
+        # Metrics, but no prometheus-operator: a Service and no PodMonitor.
+        _pool(
+            "a100", "a100", A100_CONFIG, tolerations=[GPU_TOLERATION], podMonitor={"enabled": False}
+        ),
         _pool(
             "h100",
             "h100",
             H100_CONFIG,
+            podMonitor={"labels": {"release": "prometheus"}},
             tolerations=[
                 GPU_TOLERATION,
                 {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"},
@@ -245,14 +249,22 @@ def test_every_document_validates_strictly_against_the_kubernetes_schemas(
     docs = _documents(rendered[0])
     assert docs
     for doc in docs:
-        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        support.validate(doc)
 
 
-def test_the_schemas_used_are_strict_enough_to_catch_a_misspelt_key() -> None:
+def test_the_schemas_used_are_strict_enough_to_catch_a_misspelt_key(three_pools: Path) -> None:
     (daemonset,) = _of_kind(_documents(REPO_ROOT), "DaemonSet")
     _container(daemonset)["securityContext"]["privilegd"] = True
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(daemonset, KUBERNETES, strict=True)
+    with pytest.raises(support.InvalidObject):
+        support.validate(daemonset)
+    (monitor,) = _of_kind(_documents(three_pools), "PodMonitor")
+    monitor["spec"]["podMetricsEndpoints"][0]["prot"] = "metrics"
+    with pytest.raises(support.InvalidObject, match="'prot' was unexpected"):
+        support.validate(monitor)
+    del monitor["spec"]["podMetricsEndpoints"][0]["prot"]
+    monitor["metadata"]["lables"] = {}
+    with pytest.raises(support.InvalidObject, match="'lables' was unexpected"):
+        support.validate(monitor)
 
 
 # --- least privilege, on every pool ---------------------------------------------------
@@ -436,6 +448,118 @@ def test_several_pools_get_suffixed_names_in_one_namespace(three_pools: Path) ->
     assert {_container(ds)["image"] for ds in _of_kind(docs, "DaemonSet")} == {
         "registry.example/kyb/kyb-device-plugin:1.2.3"
     }
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def _metrics_objects(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    """The Services or PodMonitors of ``docs``, by the pool they were rendered for."""
+    return {doc["metadata"]["labels"]["kyb.ai/pool"]: doc for doc in _of_kind(docs, kind)}
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_metrics_are_off_by_default() -> None:
+    rendered = manifests.generate(REPO_ROOT)
+    assert f"{manifests.OUTPUT_ROOT}/metrics.yaml" not in rendered
+    docs = _documents(REPO_ROOT)
+    assert not _of_kind(docs, "Service") and not _of_kind(docs, "PodMonitor")
+    (daemonset,) = _of_kind(docs, "DaemonSet")
+    assert "ports" not in _container(daemonset)
+    (configmap,) = _of_kind(docs, "ConfigMap")
+    assert loader.load_text(configmap["data"]["config.yaml"], "cm").metrics_address is None
+
+
+def test_only_the_pools_that_set_metrics_address_get_a_port_and_a_service(
+    three_pools: Path,
+) -> None:
+    docs = _documents(three_pools)
+    services = _metrics_objects(docs, "Service")
+    assert sorted(services) == ["a100", "h100"]
+    by_pool = {pool["name"]: ds for pool, ds in _daemonsets((three_pools, THREE_POOLS))}
+    assert "ports" not in _container(by_pool["k0s"])
+    for name, port in (("a100", 9500), ("h100", 9400)):
+        container = _container(by_pool[name])
+        assert container["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+        service = services[name]
+        assert service["metadata"]["namespace"] == by_pool[name]["metadata"]["namespace"]
+        assert service["spec"]["clusterIP"] == "None"  # headless: one target per node
+        assert service["spec"]["ports"] == [
+            {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}
+        ]
+        # The Service selects this pool's plugin pods and no other pool's.
+        for other, daemonset in by_pool.items():
+            labels = daemonset["spec"]["template"]["metadata"]["labels"]
+            assert _selects(service["spec"]["selector"], labels) == (other == name)
+
+
+def test_a_pool_with_metrics_gets_a_podmonitor_selecting_its_pods_unless_it_opts_out(
+    three_pools: Path,
+) -> None:
+    docs = _documents(three_pools)
+    monitors = _metrics_objects(docs, "PodMonitor")
+    assert sorted(monitors) == ["h100"]  # a100 sets podMonitor.enabled false
+    monitor = monitors["h100"]
+    assert (monitor["apiVersion"], monitor["kind"]) == POD_MONITOR
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    by_pool = {pool["name"]: ds for pool, ds in _daemonsets((three_pools, THREE_POOLS))}
+    assert monitor["metadata"]["namespace"] == by_pool["h100"]["metadata"]["namespace"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for name, daemonset in by_pool.items():
+        labels = daemonset["spec"]["template"]["metadata"]["labels"]
+        assert _selects(selector, labels) == (name == "h100")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    port_names = {p["name"] for p in _container(by_pool["h100"])["ports"]}
+    assert endpoint == {"port": "metrics", "path": "/metrics"}
+    assert endpoint["port"] in port_names
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            {"config": {**H100_CONFIG, "metricsAddress": "127.0.0.1:9400"}},
+            "pools[0].config: metricsAddress: must listen on every address of the pod "
+            "for Prometheus to reach it (:PORT, 0.0.0.0:PORT or [::]:PORT), got '127.0.0.1:9400'",
+        ),
+        (
+            {"config": {**H100_CONFIG, "metricsAddress": "9400"}},
+            "pools[0].config: metricsAddress: must be HOST:PORT",
+        ),
+        (
+            {
+                "config": {k: v for k, v in H100_CONFIG.items() if k != "metricsAddress"},
+                "podMonitor": {},
+            },
+            "pools[0].podMonitor: set, but the pool's config has no metricsAddress "
+            "(metrics are off)",
+        ),
+        (
+            {"podMonitor": {"interval": "30s"}},
+            "pools[0].podMonitor.interval: unknown key",
+        ),
+        (
+            {"podMonitor": {"enabled": "no"}},
+            "pools[0].podMonitor.enabled: Input should be a valid boolean",
+        ),
+        (
+            {"podMonitor": {"labels": {"kyb.ai/pool": "other"}}},
+            "pools[0].podMonitor: labels: kyb.ai/pool is set by the generator (it selects "
+            "the pods)",
+        ),
+    ],
+    ids=["loopback", "no-host", "monitor-without-metrics", "unknown-key", "not-bool", "label"],
+)
+def test_bad_metrics_settings_are_refused_naming_the_key(
+    repo_copy: Path, change: dict[str, Any], problem: str
+) -> None:
+    pool = {**_pool("h100", "h100", H100_CONFIG), **change}
+    problems = _problems(repo_copy, {**THREE_POOLS, "pools": [pool]})
+    assert len(problems) == 1
+    assert problems[0].startswith(f"codegen/deployment.yaml: {problem}")
 
 
 # --- admission: one seat profile per container ---------------------------------------
