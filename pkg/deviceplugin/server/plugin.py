@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import grpc
 
@@ -59,6 +60,14 @@ def _list_response(devices: list[DeviceView]) -> api_pb2.ListAndWatchResponse:
     return api_pb2.ListAndWatchResponse(devices=[device_message(d) for d in devices])
 
 
+class StreamCounts(NamedTuple):
+    """What the kubelet did on one socket, read at one moment (``SeatPlugin.counts``)."""
+
+    options_asked: int
+    streams_opened: int
+    open_streams: frozenset[int]
+
+
 class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
     def __init__(
         self,
@@ -93,6 +102,12 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         """Whether stream ``number`` is still open (not ended, not evicted)."""
         with self._counts:
             return number in self._open
+
+    def counts(self) -> StreamCounts:
+        """The counters together, under their lock: the registration loop compares them
+        across a Register and against the stream the kubelet opened."""
+        with self._counts:
+            return StreamCounts(self.options_asked, self.streams_opened, frozenset(self._open))
 
     def stop(self) -> None:
         self._stopped.set()

@@ -128,7 +128,7 @@ def test_a_register_answer_later_than_the_deadline_counts_once_the_kubelet_diale
 ) -> None:  # type: ignore[no-untyped-def]
     # The kubelet connects at once but answers after the plugin gave up waiting.
     node = make_node(register_reply_delay_s=1.5)
-    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.manager")
+    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.profile")
     manager = node.start(register_timeout_s=0.5)
     assert node.wait_registered()
     assert manager.wait_idle(5)
@@ -154,7 +154,7 @@ def test_an_already_connected_answer_counts_as_registered_and_is_not_retried(
     # Someone registered the 1x socket before the loop ran (a previous incarnation's
     # late Register, say): the kubelet holds it.
     registration.register(node.root / "dp" / "kubelet.sock", R1, socket_name_of(R1))
-    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.manager")
+    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.profile")
     node.stop = threading.Event()
     node.loop = threading.Thread(target=manager.run, args=(node.stop,), daemon=True)
     node.loop.start()
@@ -193,7 +193,7 @@ def test_a_wiped_socket_is_served_again_and_its_registration_counts_as_again(
     make_node, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
     node = make_node()
-    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.manager")
+    caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.profile")
     node.start()
     assert node.wait_registered()
     node.kubelet.restart()  # wipes the plugin's sockets too
