@@ -203,9 +203,10 @@ class ProfileServer:
         """When, by the clock, ``tick`` has something to do next (None: only after a
         change of ``kubelet.sock`` or ``on_change``)."""
         with self._lock:
-            if self._stopped or self._attempt is not None:
+            state = self._state()
+            if state is State.STOPPED or state is State.REGISTERING:
                 return None  # a Register's end calls on_change
-            if self._registered_with != self._kubelet:
+            if state is State.SERVING:
                 return self._next_attempt if self._kubelet is not None else None
             if self._streamless_since is not None:
                 return self._streamless_since + STREAM_LOST_S

@@ -311,6 +311,30 @@ def test_an_idle_registered_manager_does_not_tick_and_still_sees_a_kubelet_resta
     assert len(ticks) > before and ticks[before] - restarted < 0.05, ticks[before:]
 
 
+def test_a_manager_waiting_for_the_kubelet_sleeps_and_registers_when_it_comes(  # type: ignore[no-untyped-def]
+    make_node,
+) -> None:
+    """Before kubelet.sock appeared, the loop had a timer due at once and ticked tens of
+    thousands of times a second; it now sleeps until the directory changes."""
+    node = make_node()
+    node.kubelet.stop()
+    (node.root / "dp" / "kubelet.sock").unlink(missing_ok=True)
+    manager = node.start()
+    ticks: list[float] = []
+    real_tick = manager.tick
+
+    def counting_tick() -> None:
+        ticks.append(time.monotonic())
+        real_tick()
+
+    manager.tick = counting_tick  # type: ignore[method-assign]
+    manager.wake()
+    time.sleep(1.0)
+    assert len(ticks) <= 3, f"{len(ticks)} ticks in 1 s with no kubelet"
+    node.kubelet.start()
+    assert node.wait_registered(timeout_s=2.0)
+
+
 # ---- the watch loop's wake-ups (DirWatch) ---------------------------------------------
 # A restarted kubelet re-admits its running pods about 70 ms after serving kubelet.sock
 # and kills a pod whose init container holds a seat of a profile not registered by then

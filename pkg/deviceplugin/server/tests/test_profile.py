@@ -264,3 +264,15 @@ def test_a_stopped_profile_removes_its_socket_and_ignores_a_register_that_return
     assert not profile.path.exists()
     node.step(profile)
     assert profile.state is State.STOPPED
+
+
+def test_a_profile_with_no_kubelet_sock_has_no_timer_due(node: Node) -> None:
+    """Before the kubelet serves kubelet.sock a profile has nothing to do until it
+    appears (the watch loop wakes on that): a timer due at once made the loop spin."""
+    profile = node.profile(R1)
+    node.step(profile)
+    assert profile.state is State.SERVING
+    assert profile.due() is None
+    node.kubelet()
+    node.step(profile)
+    assert profile.state is State.REGISTERED
