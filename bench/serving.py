@@ -14,6 +14,7 @@ import grpc
 from bench import rpc
 from bench.node import RESOURCES, BenchError, Node, memory_kib, seat_ids, start_echo
 from bench.stats import Row, Target, percentile, row
+from pkg.deviceplugin.allocator.document import LedgerEntry
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.api.podresources.v1 import api_pb2 as pr_pb2
@@ -412,7 +413,7 @@ def _allocate_latency(
     return rows
 
 
-def _journal_entry(seat: str) -> dict[str, object]:
+def _journal_entry(seat: str) -> LedgerEntry:
     """A journal line's seat entry as the ledger writes one for a fresh binding."""
     return {
         "generation": 1,

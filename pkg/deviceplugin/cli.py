@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -307,7 +307,7 @@ def _codegen(rest: Sequence[str]) -> int:
     return int(codegen_main.main(list(rest)))
 
 
-def _emit(output: str, doc: dict[str, Any], text: Callable[[TextIO], None]) -> None:
+def _emit(output: str, doc: Mapping[str, object], text: Callable[[TextIO], None]) -> None:
     if output == "json":
         json.dump(doc, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from itertools import combinations
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from pkg.deviceplugin import plan
 from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.document import GroupDoc, ResourceDoc, SeatDoc, StatusDoc
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.types import Topology
 
 
-def plan_document(config: Config, topology: Topology) -> dict[str, Any]:
+def plan_document(config: Config, topology: Topology) -> StatusDoc:
     """The status shape for a fresh node (every seat free, generation 0) plus group links."""
     layout = plan.build_layout(config, topology)
     board = SeatBoard(layout, Policy(), None, release_grace_s=config.release_grace_period)
@@ -27,25 +28,27 @@ def plan_document(config: Config, topology: Topology) -> dict[str, Any]:
     return doc
 
 
-def status_view(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The node agent's view of a state file: its ``resources``, ledger detail dropped."""
-    resources: dict[str, Any] = {}
+def status_view(state: Mapping[str, Any]) -> StatusDoc:
+    """The node agent's view of a state file (JSON as read, unchecked: a reader shows
+    what is there): its ``resources``, ledger detail dropped."""
+    resources: dict[str, ResourceDoc] = {}
     for resource, body in (state.get("resources") or {}).items():
-        groups: dict[str, Any] = {}
+        groups: dict[str, GroupDoc] = {}
         for name, group in (body.get("groups") or {}).items():
             seats = {
                 seat_id: {k: v for k, v in seat.items() if k in ("state", "generation", "why")}
                 for seat_id, seat in (group.get("seats") or {}).items()
             }
-            groups[name] = {**{k: v for k, v in group.items() if k != "seats"}, "seats": seats}
+            shown = {**{k: v for k, v in group.items() if k != "seats"}, "seats": seats}
+            groups[name] = cast("GroupDoc", shown)
         resources[resource] = {"groups": groups}
-    view: dict[str, Any] = {"resources": resources}
+    view: StatusDoc = {"resources": resources}
     if state.get("setAsideGpus"):
         view["setAsideGpus"] = state["setAsideGpus"]
     return view
 
 
-def print_plan(doc: Mapping[str, Any], topology: Topology, out: TextIO) -> None:
+def print_plan(doc: StatusDoc, topology: Topology, out: TextIO) -> None:
     out.write(topology_matrix(topology))
     out.write("\n")
     print_seat_map(doc, out, with_links=True)
@@ -69,7 +72,7 @@ def topology_matrix(topology: Topology) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_seat_map(doc: Mapping[str, Any], out: TextIO, *, with_links: bool = False) -> None:
+def print_seat_map(doc: StatusDoc, out: TextIO, *, with_links: bool = False) -> None:
     resources = doc.get("resources") or {}
     if not resources:
         out.write("no profiles\n")
@@ -80,7 +83,7 @@ def print_seat_map(doc: Mapping[str, Any], out: TextIO, *, with_links: bool = Fa
         if not groups:
             out.write("  (no group of this size on this node)\n")
         for name, group in sorted(groups.items(), key=lambda kv: (kv[1].get("gpus") or [], kv[0])):
-            flags = [group.get("health", "?")]
+            flags: list[str] = [group.get("health", "?")]
             if group.get("fenced"):
                 flags.append("fenced")
             if group.get("drained"):
@@ -95,6 +98,6 @@ def print_seat_map(doc: Mapping[str, Any], out: TextIO, *, with_links: bool = Fa
         out.write(f"GPU {gpu.get('index')} ({gpu.get('uuid')}) not served: {gpu.get('why')}\n")
 
 
-def _seat_cells(seats: Mapping[str, Mapping[str, Any]]) -> Iterable[str]:
+def _seat_cells(seats: Mapping[str, SeatDoc]) -> Iterable[str]:
     for seat_id, seat in seats.items():
         yield f"{seat_id}={seat.get('state')}/g{seat.get('generation')}"

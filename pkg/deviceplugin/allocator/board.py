@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from pkg.deviceplugin.allocator import durable, placement, response, status, views
 from pkg.deviceplugin.allocator import layout as layout_mod
+from pkg.deviceplugin.allocator.document import StatusDoc
 from pkg.deviceplugin.allocator.layout import Group, Layout, Pins, Plan, Seat
 from pkg.deviceplugin.allocator.ledger import (
     GONE_CONFIRM_S,
@@ -139,7 +140,7 @@ class SeatBoard:
         with self._changed:
             self._changed.notify_all()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusDoc:
         """The SPEC section 9 status document (the state file adds ledger detail)."""
         with self._lock:
             return status.status(self._snapshot, self._facts(), self._set_aside)

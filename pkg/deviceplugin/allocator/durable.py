@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
+from pkg.deviceplugin.allocator.document import LedgerEntry
 from pkg.deviceplugin.allocator.layout import Layout, Pins
 from pkg.deviceplugin.allocator.ledger import Ledger, floor_after_loss
 from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore
-from pkg.deviceplugin.types import GroupName
+from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ def recover(store: StateStore | None, ledger: Ledger, wall: float, now: float) -
         for resource, body in doc["resources"].items():
             for group in body["groups"].values():
                 for device_id, entry in group["seats"].items():
-                    ledger.restore((resource, device_id), entry, now)
+                    ledger.restore((ResourceName(resource), DeviceId(device_id)), entry, now)
         for resource, seats in doc["retired"].items():
             for device_id, entry in seats.items():
-                ledger.restore((resource, device_id), entry, now)
+                ledger.restore((ResourceName(resource), DeviceId(device_id)), entry, now)
     awaiting = store.lost is not None or (doc is not None and doc["awaitingList"])
     reserved, held_over = store.sidecar()
     ledger.floor = doc["generationFloor"] if doc is not None else 0
@@ -146,7 +146,7 @@ class Saver:
         except OSError as exc:
             log.error("could not save the held-over groups: %s", exc)
 
-    def persist(self, entries: Sequence[tuple[str, str, dict[str, Any]]], *, whole: bool) -> None:
+    def persist(self, entries: Sequence[tuple[str, str, LedgerEntry]], *, whole: bool) -> None:
         """Make new bindings (resource, seat, ledger entry) durable before their
         Allocate answers: a journal line, the state file written behind it. ``whole``:
         what the Allocate's observation changed goes too, so the whole file is written

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from pkg.deviceplugin.allocator.document import LedgerEntry
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 SeatKey = tuple[ResourceName, DeviceId]
@@ -258,9 +258,9 @@ class Ledger:
 
     # Persistence: the board embeds these per-seat entries in the status-shaped state file.
 
-    def to_entry(self, key: SeatKey) -> dict[str, Any]:
+    def to_entry(self, key: SeatKey) -> LedgerEntry:
         record = self.record(key)
-        entry: dict[str, Any] = {"generation": record.generation}
+        entry: LedgerEntry = {"generation": record.generation}
         if record.binding is not None:
             b = record.binding
             entry["binding"] = {
@@ -285,7 +285,7 @@ class Ledger:
     def keys(self) -> Iterable[SeatKey]:
         return self._records.keys()
 
-    def restore(self, key: SeatKey, entry: Mapping[str, Any], now: float) -> None:
+    def restore(self, key: SeatKey, entry: LedgerEntry, now: float) -> None:
         """Take one saved entry; a damaged entry never lowers what is already known.
 
         A restored binding's grace starts at ``now`` (monotonic; saved times are wall

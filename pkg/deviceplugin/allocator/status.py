@@ -9,18 +9,24 @@ something in it changes (:class:`StateEncoder`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
+from pkg.deviceplugin.allocator.document import (
+    GroupDoc,
+    LedgerEntry,
+    SeatDoc,
+    SetAsideDoc,
+    StatusDoc,
+)
 from pkg.deviceplugin.allocator.layout import Group
 from pkg.deviceplugin.allocator.store import encode, encode_object
 from pkg.deviceplugin.allocator.views import Facts, GroupKey, SeatView, Snapshot
 from pkg.deviceplugin.types import GroupName, ResourceName, SetAsideGpu
 
 
-def status(snapshot: Snapshot, facts: Facts, set_aside: Sequence[SetAsideGpu]) -> dict[str, Any]:
+def status(snapshot: Snapshot, facts: Facts, set_aside: Sequence[SetAsideGpu]) -> StatusDoc:
     """The status document, with ``setAsideGpus`` where discovery found GPUs the
     plugin does not serve."""
-    doc: dict[str, Any] = {
+    doc: StatusDoc = {
         "resources": {
             resource: {
                 "groups": {
@@ -74,7 +80,7 @@ class StateEncoder:
             resources[resource] = encode_object({"groups": encode_object(encoded)})
         ledger = facts.ledger
         if self._retired is None:
-            retired: dict[str, dict[str, Any]] = {}
+            retired: dict[str, dict[str, LedgerEntry]] = {}
             for key in ledger.keys():  # noqa: SIM118 (a ledger, not a dict)
                 resource, device_id = key
                 if device_id not in snapshot.seats.get(resource, {}):
@@ -101,23 +107,25 @@ def group_document(
     views: Sequence[SeatView],
     *,
     with_ledger: bool,
-) -> dict[str, Any]:
+) -> GroupDoc:
     place = facts.places.get((resource, name))
-    entry = _group_entry(facts, resource, name, place.group if place is not None else None)
-    seats = entry["seats"]
+    doc = _group_entry(facts, resource, name, place.group if place is not None else None)
+    seats = doc["seats"]
     for view in views:
-        seat: dict[str, Any] = {"state": view.state, "generation": view.generation}
+        seat: SeatDoc = {"state": view.state, "generation": view.generation}
         if view.why:
             seat["why"] = view.why
         if with_ledger:
-            seat.update(facts.ledger.to_entry((resource, view.device_id)))
+            entry = facts.ledger.to_entry((resource, view.device_id))
+            if "binding" in entry:
+                seat["binding"] = entry["binding"]
         seats[view.device_id] = seat
-    return entry
+    return doc
 
 
 def _group_entry(
     facts: Facts, resource: ResourceName, name: GroupName, group: Group | None
-) -> dict[str, Any]:
+) -> GroupDoc:
     if group is None:  # a group only live bindings the layout no longer has keep
         gpus = next(
             (b.gpus for (r, _), b in facts.ledger.held() if r == resource and b.group == name),
@@ -145,5 +153,5 @@ def _group_entry(
     }
 
 
-def set_aside_document(gpus: Sequence[SetAsideGpu]) -> list[dict[str, Any]]:
+def set_aside_document(gpus: Sequence[SetAsideGpu]) -> list[SetAsideDoc]:
     return [{"index": g.index, "uuid": g.uuid, "why": g.why} for g in gpus]

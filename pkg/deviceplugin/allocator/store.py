@@ -57,10 +57,16 @@ import time
 from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring_ascii as _encode_key
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
+from pkg.deviceplugin.allocator.document import (
+    LedgerEntry,
+    LoadedGroup,
+    LoadedResource,
+    LoadedState,
+)
 from pkg.deviceplugin.types import SIZE_CHARACTERS, GroupName
 
 log = logging.getLogger(__name__)
@@ -249,7 +255,7 @@ class StateStore:
         """Lines appended to the journal so far (never goes back): a save whose document
         was taken at this count holds every one of them."""
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self) -> LoadedState | None:
         """The saved document, checked and repaired as the module docstring says, or
         None for a fresh start (no file, or one set aside)."""
         self.lost = None
@@ -276,7 +282,7 @@ class StateStore:
             self.lost = f"{self.path} had damaged entries ({', '.join(damaged[:3])}...)"
         return doc
 
-    def _replay(self, doc: dict[str, Any], damaged: list[str]) -> None:
+    def _replay(self, doc: LoadedState, damaged: list[str]) -> None:
         """Apply the journal's lines to ``doc`` (see the module docstring)."""
         try:
             data = read_bounded(self.journal_path)
@@ -312,7 +318,7 @@ class StateStore:
                     seats = entries[(resource, seat)] = doc["retired"].setdefault(resource, {})
                 elif entry.generation <= seats[seat]["generation"]:
                     continue  # a later save holds it
-                seats[seat] = entry.model_dump(by_alias=True)
+                seats[seat] = _dumped(entry)
         if bad:
             shown = ", ".join(str(number) for number in bad[:3])
             self._journal_damaged(f"damaged (line {shown} of {len(lines)})", damaged)
@@ -355,7 +361,7 @@ class StateStore:
         ``cleanStop`` (a line after it would be trusted to be the last)."""
         return self._unmarked or self._journal_torn or self._journal_bytes >= JOURNAL_LIMIT_BYTES
 
-    def append(self, seats: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+    def append(self, seats: Sequence[tuple[str, str, LedgerEntry]]) -> None:
         """Durably add one line to the journal: these seats' ledger entries, each a new
         binding. Raises ``OSError`` when it may not have reached the disk."""
         data = (encode({"seats": [list(seat) for seat in seats]}) + "\n").encode()
@@ -444,7 +450,7 @@ class StateStore:
         atomic_write(self.state_dir / RESERVATION_FILE, encode(doc))
 
 
-def _checked(doc: object, damaged: list[str]) -> dict[str, Any]:
+def _checked(doc: object, damaged: list[str]) -> LoadedState:
     """``doc`` cut down to what the ledger reads, with damaged entries repaired; raises
     :class:`DamagedFile` for a document that is not of this format at all."""
     if not isinstance(doc, dict):
@@ -453,9 +459,9 @@ def _checked(doc: object, damaged: list[str]) -> dict[str, Any]:
     if type(version) is not int or version != FORMAT_VERSION:
         found = printable(repr(version))
         raise DamagedFile(f"of unknown format version {found} (expected {FORMAT_VERSION})")
-    resources: dict[str, Any] = {}
+    resources: dict[str, LoadedResource] = {}
     for resource, body in _objects(doc, "resources").items():
-        groups: dict[str, Any] = {}
+        groups: dict[str, LoadedGroup] = {}
         for group, group_body in _objects(body, "groups", f"resources/{resource}").items():
             seats = _objects(group_body, "seats", f"resources/{resource}/groups/{group}")
             groups[group] = {"seats": _entries(resource, seats, damaged)}
@@ -481,10 +487,10 @@ def _checked(doc: object, damaged: list[str]) -> dict[str, Any]:
     }
 
 
-def _entry_index(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+def _entry_index(doc: LoadedState) -> dict[tuple[str, str], dict[str, LedgerEntry]]:
     """Where each seat's entry is in a checked document: (resource, seat) -> the seats
     object holding it (a group's, or the retired ones)."""
-    index: dict[tuple[str, str], dict[str, Any]] = {}
+    index: dict[tuple[str, str], dict[str, LedgerEntry]] = {}
     for resource, seats in doc["retired"].items():
         index.update(((resource, seat), seats) for seat in seats)
     for resource, body in doc["resources"].items():
@@ -509,14 +515,14 @@ def _objects(parent: dict[str, Any], key: str | None, where: str = "") -> dict[s
 
 def _entries(
     resource: str, seats: dict[str, dict[str, Any]], damaged: list[str]
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, LedgerEntry]:
     return {seat: _entry(resource, seat, raw, damaged) for seat, raw in seats.items()}
 
 
-def _entry(resource: str, seat: str, raw: dict[str, Any], damaged: list[str]) -> dict[str, Any]:
+def _entry(resource: str, seat: str, raw: dict[str, Any], damaged: list[str]) -> LedgerEntry:
     """One seat entry, checked; a damaged one keeps only its best generation."""
     try:
-        return _Entry.model_validate(raw).model_dump(by_alias=True)
+        return _dumped(_Entry.model_validate(raw))
     except ValidationError as exc:
         damaged.append(printable(f"{resource}/{seat}"))
         problem = exc.errors()[0]
@@ -538,6 +544,11 @@ def _entry(resource: str, seat: str, raw: dict[str, Any], damaged: list[str]) ->
             generation,
         )
         return {"generation": generation}
+
+
+def _dumped(entry: _Entry) -> LedgerEntry:
+    # the model has exactly the entry's fields and aliases (checked by its tests)
+    return cast("LedgerEntry", entry.model_dump(by_alias=True))
 
 
 def _json_type(value: object) -> str:
