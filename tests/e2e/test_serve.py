@@ -273,7 +273,10 @@ def test_an_idle_plugin_asks_podresources_only_while_an_answer_could_change_some
     # an idle node asks nothing; a held seat, and a release's grace, are watched.
     resource = "kyb.ai/gpu-1x-seat"
     needs_seats(resource)
-    node.extra_args = ("--reconcile-interval", "200ms", "--release-grace-period", "2s")
+    # The windows leave room for a busy CPU (two test runs at once on two cores
+    # once starved the 200 ms loop to 2 answers in a second): what is pinned is
+    # "asks while it could matter, never otherwise", not the rate.
+    node.extra_args = ("--reconcile-interval", "200ms", "--release-grace-period", "4s")
     node.start_plugin()
     assert node.wait_registered(RESOURCES), node.log()
 
@@ -285,11 +288,11 @@ def test_an_idle_plugin_asks_podresources_only_while_an_answer_could_change_some
     time.sleep(0.5)  # the start's answer
     assert lists_in(1.5) == 0
     node.kubelet.admit("p", [ContainerSpec("main", {resource: 1})])
-    assert lists_in(1.0) >= 3  # every 200 ms while the seat is held
+    assert lists_in(2.0) >= 3  # every 200 ms while the seat is held
     node.kubelet.delete("p")
     assert support.wait_until(lambda: "seat released" in node.log(), 5.0), node.log()
-    assert lists_in(1.0) >= 3  # its holder may come back within the grace
-    time.sleep(1.5)
+    assert lists_in(2.0) >= 3  # its holder may come back within the grace
+    time.sleep(2.5)
     assert lists_in(1.5) == 0
 
 
