@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from codegen import manifests, stubs
+from codegen import chart, manifests, stubs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +29,13 @@ def _manifests(args: argparse.Namespace) -> int:
     if args.check:
         return _report(manifests.check(REPO_ROOT))
     manifests.write(REPO_ROOT)
+    return 0
+
+
+def _chart(args: argparse.Namespace) -> int:
+    if args.check:
+        return _report(chart.check(REPO_ROOT))
+    chart.write(REPO_ROOT)
     return 0
 
 
@@ -60,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="write nothing; exit 1 listing stale files"
     )
     manifests_parser.set_defaults(run=_manifests)
+
+    chart_parser = commands.add_parser(
+        "chart",
+        help=f"the Helm chart from {manifests.DEPLOYMENT} and {manifests.TEMPLATE_ROOT}/ "
+        f"into {chart.OUTPUT_ROOT}/",
+    )
+    chart_parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 listing stale files"
+    )
+    chart_parser.set_defaults(run=_chart)
     return parser
 
 

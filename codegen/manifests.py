@@ -6,16 +6,19 @@ with the plugin's own loader so a manifest can never ship a config the plugin re
 jinja2 templates under ``codegen/templates/`` turn that into one Namespace, one
 ConfigMap and one DaemonSet per pool, and a ValidatingAdmissionPolicy with its binding
 that refuses a container asking for seats of more than one of the pools' profiles. The
-whole of ``manifests/device-plugin/`` is generated: ``write`` replaces it and ``check``
-reports anything that differs.
+same templates render the Helm chart's (``codegen/chart.py``; see ``gotemplate``). The
+whole of ``manifests/`` is generated (the objects in ``device-plugin/``, beside them the
+config's JSON Schema): ``write`` replaces it and ``check`` reports anything that differs.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import jinja2
 import yaml
@@ -31,17 +34,21 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from codegen import stubs, tree
+from codegen import gotemplate, schema, stubs, tree
 from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config, loc_text
 
 DEPLOYMENT = PurePosixPath("codegen/deployment.yaml")
 TEMPLATE_ROOT = PurePosixPath("codegen/templates")
-OUTPUT_ROOT = PurePosixPath("manifests/device-plugin")
+GENERATED_ROOT = PurePosixPath("manifests")
+OUTPUT_ROOT = GENERATED_ROOT / "device-plugin"
+# Beside the objects, not among them: `kubectl apply -f DIR` would read it as one.
+CONFIG_SCHEMA = GENERATED_ROOT / "config.schema.json"
 REGENERATE = "python -m codegen manifests"
 
 # Output file -> template. `kubectl apply -f DIR` visits files in lexical order, so the
-# namespace file sorts first and exists before anything is created inside it.
+# namespace file sorts first and exists before anything is created inside it. The
+# templates loop and test through `each` and `when` only (see gotemplate).
 FILES = {
     "00-namespace.yaml": "namespace.yaml.j2",
     "admission.yaml": "admission.yaml.j2",
@@ -58,18 +65,31 @@ CONFIG_FILE = "config.yaml"
 # Cluster-scoped: the ValidatingAdmissionPolicy and its binding share this name.
 ADMISSION_POLICY_NAME = f"{NAME}-one-seat-profile-per-container"
 
+_T = TypeVar("_T")
+
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A pool name ends up in object names (`kyb-deviceplugin-config-<pool>`, 63 at most).
 _MAX_POOL_NAME = 63 - len(f"{CONFIGMAP_NAME}-")
 _NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _LABEL_KEY = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_NAME_PART}$"
 _LABEL_VALUE = rf"^({_NAME_PART})?$"
-_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 # The pod's IP is not known when rendering, so a metrics endpoint that Prometheus is to
 # reach must listen on every address of the pod.
-METRICS_ADDRESS_IN_POD = r"^(0\.0\.0\.0|\[::\])?:(?P<port>[0-9]{1,5})$"
+METRICS_ADDRESS_IN_POD = r"^(0\.0\.0\.0|\[::\])?:([0-9]+)$"
 METRICS_PORT_NAME = "metrics"
 METRICS_PATH = "/metrics"
+
+# What the templates see that no deployment changes.
+CONSTANTS = {
+    "admission_policy": ADMISSION_POLICY_NAME,
+    "name": NAME,
+    "config_dir": str(CONFIG_DIR),
+    "config_key": CONFIG_FILE,
+    "config_file": str(CONFIG_DIR / CONFIG_FILE),
+    "metrics_port_name": METRICS_PORT_NAME,
+    "metrics_path": METRICS_PATH,
+}
 
 
 def _number_as_text(value: object) -> object:
@@ -84,13 +104,17 @@ PoolName = Annotated[
 LabelKey = Annotated[str, StringConstraints(strict=True, pattern=_LABEL_KEY)]
 LabelValue = Annotated[str, StringConstraints(strict=True, pattern=_LABEL_VALUE)]
 Quantity = Annotated[
-    str, BeforeValidator(_number_as_text), StringConstraints(strict=True, pattern=_QUANTITY)
+    str, BeforeValidator(_number_as_text), StringConstraints(strict=True, pattern=QUANTITY_PATTERN)
 ]
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
     )
 
 
@@ -201,29 +225,20 @@ def generate(repo_root: Path) -> dict[str, bytes]:
     deployment = load_deployment(repo_root)
     pools = [pool_view(pool, deployment, i) for i, pool in enumerate(deployment.pools)]
     context = {
+        **CONSTANTS,
         "deployment": deployment,
+        "create_namespace": True,
         "pools": pools,
         # The admission policy refuses a container that asks for two of these: the
         # kubelet merges the envs of both Allocate answers and one profile's are lost.
         # Rendered even when there is only one, where it admits every pod, so adding a
         # profile to a pool tightens it without a new file.
-        "seat_resources": sorted({r for pool in pools for r in pool.seat_resources}),
-        "admission_policy": ADMISSION_POLICY_NAME,
-        "name": NAME,
-        "config_dir": str(CONFIG_DIR),
-        "config_key": CONFIG_FILE,
-        "config_file": str(CONFIG_DIR / CONFIG_FILE),
-        "metrics_port_name": METRICS_PORT_NAME,
-        "metrics_path": METRICS_PATH,
+        "seat_resources_cel": cel_list(sorted({r for p in pools for r in p.seat_resources})),
         "header": f"# Generated by `{REGENERATE}` from {DEPLOYMENT}; do not edit.",
     }
-    env = _environment(repo_root / TEMPLATE_ROOT)
     rendered: dict[str, bytes] = {}
-    for file, template in FILES.items():
-        try:
-            text = env.get_template(template).render(context)
-        except jinja2.TemplateError as error:
-            raise stubs.CodegenError(f"{TEMPLATE_ROOT}/{template}: {error}") from None
+    for file, text in render(repo_root, context).items():
+        template = FILES[file]
         try:
             documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
         except yaml.YAMLError as error:
@@ -232,19 +247,41 @@ def generate(repo_root: Path) -> dict[str, bytes]:
             ) from None
         if documents:
             rendered[f"{OUTPUT_ROOT}/{file}"] = text.encode()
+    rendered[str(CONFIG_SCHEMA)] = json_text(schema.config_schema())
     return rendered
+
+
+def render(repo_root: Path, context: Mapping[str, Any]) -> dict[str, str]:
+    """Every template of FILES rendered with ``context``: output file -> text."""
+    env = gotemplate.environment(repo_root / TEMPLATE_ROOT)
+    rendered: dict[str, str] = {}
+    for file, template in FILES.items():
+        try:
+            rendered[file] = env.get_template(template).render(context)
+        except jinja2.TemplateError as error:
+            raise stubs.CodegenError(f"{TEMPLATE_ROOT}/{template}: {error}") from None
+    return rendered
+
+
+def cel_list(items: list[str]) -> str:
+    """A CEL list literal of strings (the names it holds need no escapes)."""
+    return "[" + ", ".join(f"'{item}'" for item in items) + "]"
+
+
+def json_text(value: Any) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
 
 
 def write(repo_root: Path) -> None:
     """Replace the output directory with freshly rendered manifests, dropping stale ones."""
-    tree.replace(repo_root, OUTPUT_ROOT, generate(repo_root))
+    tree.replace(repo_root, GENERATED_ROOT, generate(repo_root))
 
 
 def check(repo_root: Path) -> list[str]:
     """One line per manifest that is stale, missing or extra; empty when fresh."""
     return tree.compare(
         repo_root,
-        OUTPUT_ROOT,
+        GENERATED_ROOT,
         generate(repo_root),
         regenerate=REGENERATE,
         extra=f"not rendered from {DEPLOYMENT}",
@@ -281,25 +318,26 @@ def _problem_lines(error: ValidationError, shown: str) -> list[str]:
 def pool_view(pool: Pool, deployment: Deployment, index: int) -> PoolView:
     """A pool's names, paths and config text; its config is checked by the plugin's loader."""
     where = f"{DEPLOYMENT}: pools[{index}].config"
-    config_yaml = to_yaml(pool.config)
+    config_yaml = config_text(pool.config)
     try:
         config = loader.load_text(config_yaml, where)
     except loader.ConfigError as error:
         raise stubs.CodegenError("\n".join(error.problems)) from None
     paths = _host_paths(config, where)
     suffix = "" if len(deployment.pools) == 1 else f"-{pool.name}"
-    selector = {"app.kubernetes.io/name": NAME, "kyb.ai/pool": pool.name}
+    selector = pool_selector(pool.name)
     metrics_port = _metrics_port(config, where)
     return PoolView(
         name=pool.name,
         daemonset=f"{NAME}{suffix}",
         configmap=f"{CONFIGMAP_NAME}{suffix}",
-        labels={**selector, "app.kubernetes.io/component": "device-plugin"},
+        labels=component_labels(selector, "device-plugin"),
         selector=selector,
         node_selector=dict(pool.node_selector),
-        tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations],
+        # As written (the chart passes them through as they are).
+        tolerations=[t.model_dump(by_alias=True, exclude_unset=True) for t in pool.tolerations],
         resources=pool.resources.model_dump(by_alias=True),
-        config_yaml=config_yaml,
+        config_yaml=config_yaml.rstrip("\n"),
         seat_resources=tuple(config.resources),
         **paths,
         metrics_port=metrics_port,
@@ -307,6 +345,15 @@ def pool_view(pool: Pool, deployment: Deployment, index: int) -> PoolView:
             pool, metrics_port, selector, f"{DEPLOYMENT}: pools[{index}].podMonitor"
         ),
     )
+
+
+def pool_selector(name: _T) -> dict[str, str | _T]:
+    """The labels that pick one pool's plugin pods (``name`` may be a Go value)."""
+    return {"app.kubernetes.io/name": NAME, "kyb.ai/pool": name}
+
+
+def component_labels(selector: dict[str, _T], component: str) -> dict[str, _T | str]:
+    return {**selector, "app.kubernetes.io/component": component}
 
 
 def _metrics_port(config: Config, where: str) -> int | None:
@@ -319,7 +366,7 @@ def _metrics_port(config: Config, where: str) -> int | None:
             f"Prometheus to reach it (:PORT, 0.0.0.0:PORT or [::]:PORT), "
             f"got {config.metrics_address!r}"
         )
-    return int(match["port"])
+    return int(match[2])
 
 
 def _pod_monitor_labels(
@@ -334,7 +381,7 @@ def _pod_monitor_labels(
     monitor = pool.pod_monitor or PodMonitor()
     if not monitor.enabled:
         return None
-    labels = {**selector, "app.kubernetes.io/component": "metrics"}
+    labels = component_labels(selector, "metrics")
     taken = sorted(labels.keys() & monitor.labels.keys())
     if taken:
         raise stubs.CodegenError(
@@ -373,45 +420,10 @@ def _host_paths(config: Config, where: str) -> dict[str, str]:
     }
 
 
-def _environment(templates: Path) -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(templates),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    env.filters["yaml"] = _yaml_filter
-    return env
-
-
-class _Dumper(yaml.SafeDumper):
-    """Block YAML the way people write it: nested lists indented, lists of scalars
-    inline (``gpus: [0, 1]``), keys in their given order."""
-
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
-        super().increase_indent(flow, False)
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
-    inline = all(not isinstance(item, dict | list) for item in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=inline)
-
-
-_Dumper.add_representer(list, _represent_list)
-
-
-def to_yaml(value: Any) -> str:
-    """A mapping as block YAML, as it goes into the ConfigMap's config.yaml."""
-    return yaml.dump(value, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-
-
-def _yaml_filter(value: Any) -> str:
-    """A value for the templates: a collection as block YAML without the final newline
-    (for ``| indent(n)``), a scalar quoted only where YAML needs it."""
-    text = yaml.dump(value, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
-    return text.removesuffix("\n...\n").rstrip("\n")
+def config_text(config: Mapping[str, Any]) -> str:
+    """A pool's config as its ConfigMap's config.yaml: keys sorted, lists in block style,
+    as helm's toYaml writes it, so the chart's ConfigMap holds the same text."""
+    return yaml.safe_dump(dict(config), sort_keys=True, default_flow_style=False, width=1000)
 
 
 def _one_line(error: Exception) -> str:

@@ -108,7 +108,7 @@ THREE_POOLS_HOST_MOUNTS = {
 
 def _copy_repo(target: Path) -> Path:
     """The generator's inputs and outputs, copied so a test may change them."""
-    for part in (manifests.TEMPLATE_ROOT, manifests.OUTPUT_ROOT):
+    for part in (manifests.TEMPLATE_ROOT, manifests.GENERATED_ROOT):
         shutil.copytree(REPO_ROOT / part, target / part)
     shutil.copy(REPO_ROOT / manifests.DEPLOYMENT, target / manifests.DEPLOYMENT)
     return target
@@ -122,8 +122,10 @@ def _with_deployment(root: Path, deployment: dict[str, Any]) -> Path:
 def _documents(repo_root: Path) -> list[dict[str, Any]]:
     return [
         doc
-        for content in manifests.generate(repo_root).values()
+        for path, content in manifests.generate(repo_root).items()
+        if path.startswith(f"{manifests.OUTPUT_ROOT}/")
         for doc in yaml.safe_load_all(content)
+        if doc is not None
     ]
 
 
