@@ -31,6 +31,7 @@ from bench import rpc
 from bench.node import REPO, RESOURCES, SEATS_PER_GROUP, seat_ids, short_tmpdir, topology_of
 from bench.stats import percentile
 from pkg.deviceplugin.allocator import layout as layout_mod
+from pkg.deviceplugin.allocator import views
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore, encode_object
@@ -110,8 +111,8 @@ def new_binding() -> None:
                 board._state_fields()
 
             steps = {
-                "_build_snapshot (every seat of every profile)": _ms(
-                    lambda: board._build_snapshot(version), 20
+                "views.build (every seat of every profile)": _ms(
+                    lambda: views.build(board._facts(), version), 20
                 ),
                 "_bindings_changed_locked (one group, what a new binding pays)": _ms(
                     lambda: board._bindings_changed_locked({(one_x, group)}), 200

@@ -82,7 +82,6 @@ class Runtime:
             StateStore(config.state_dir, used_before=topocache.CACHE_FILE),
             release_grace_s=config.release_grace_period,
             handoff_s=config.handoff_window,
-            dev_root=dev_root,
         )
         self.board.set_aside_gpus(discovered.set_aside)
         held = {i for groups in self.board.held_groups().values() for _, m in groups for i in m}
@@ -110,6 +109,7 @@ class Runtime:
             config.kubelet_dir,
             self.pod_resources,
             recorder=self.metrics,
+            dev_root=dev_root,
         )
         self._stop = threading.Event()
         self._reload_requested = threading.Event()

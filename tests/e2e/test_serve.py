@@ -81,6 +81,22 @@ def test_allocate_returns_the_seat_envs_annotations_and_minor_numbered_device_sp
 
 
 @pytest.mark.e2e
+def test_the_uvm_device_nodes_offered_are_those_the_nodes_dev_has(node: support.Node) -> None:
+    resource = "kyb.ai/gpu-1x-seat"
+    needs_seats(resource)
+    dev_root = node.root / "host"
+    (dev_root / "dev").mkdir(parents=True)
+    (dev_root / "dev" / "nvidia-uvm").touch()
+    node.extra_args = ("--dev-root", str(dev_root))
+    node.start_plugin()
+    assert node.wait_registered(RESOURCES), node.log()
+    pod = node.kubelet.admit("uvm", [ContainerSpec("main", {resource: 1})])
+    paths = [d.host_path for d in pod.allocations["main"][0].response.devices]
+    assert "/dev/nvidia-uvm" in paths
+    assert "/dev/nvidia-uvm-tools" not in paths
+
+
+@pytest.mark.e2e
 def test_a_2x_seat_away_from_gpu_0_gets_cuda_ordinals_0_and_1(serving: support.Node) -> None:
     # Under the NVIDIA runtime the container sees only its GPUs, numbered from 0: host
     # indices such as 2,3 in CUDA_VISIBLE_DEVICES would select no GPU there.

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from pathlib import Path
 from typing import Any, cast
 
 from pkg.deviceplugin.allocator import durable, placement, response, status, views
@@ -23,7 +22,6 @@ from pkg.deviceplugin.allocator import layout as layout_mod
 from pkg.deviceplugin.allocator.document import StatusDoc
 from pkg.deviceplugin.allocator.layout import Group, Layout, Pins, Plan, Seat
 from pkg.deviceplugin.allocator.ledger import (
-    GONE_CONFIRM_S,
     HANDOFF_S,
     Bound,
     Holder,
@@ -56,7 +54,6 @@ class SeatBoard:
         handoff_s: float = HANDOFF_S,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        dev_root: Path = Path("/"),
         write_behind: Callable[[Callable[[], None]], object] = durable.write_later,
     ) -> None:
         """``clock``: wall time, only for what the state file shows people;
@@ -68,11 +65,8 @@ class SeatBoard:
         self._policy = policy
         self._clock = clock
         self._monotonic = monotonic
-        self._dev_root = dev_root
         self._ledger = Ledger(release_grace_s, handoff_s)
         self._gone_pending = False
-        self._released_at: float | None = None
-        """Monotonic time of the last release (see :meth:`list_can_change`)."""
         self._unhealthy: dict[str, str] = {}
         self._closeness = placement.Closeness()
         self._encoder = status.StateEncoder()
@@ -87,12 +81,10 @@ class SeatBoard:
             reserved=recovered.reserved,
             write_behind=write_behind,
         )
-        self._awaiting_list = recovered.awaiting_list
-        self._awaiting_since: float | None = None
-        self._lost_pins = recovered.lost_pins
+        self._lost = recovered.lost
         self._layout = Layout.of((), Topology(()))
-        self._set_layout_locked(self._plan(self._pins_locked()))
-        self._snapshot = self._build_snapshot(1)
+        self._set_layout_locked(self._plan(_pins(self._lost.pins, self._ledger)))
+        self._snapshot = views.build(self._facts(), 1)
         self._saver.save()
 
     # ---- reads -------------------------------------------------------------------
@@ -154,7 +146,7 @@ class SeatBoard:
         follows from the ledger alone (the kubelet offers a device to a new container
         only after freeing it; see ``ledger``).
         """
-        if self._awaiting_list:
+        if self._lost.awaiting:
             return True
         shown = self._snapshot.seats.get(resource, {})
         return any(
@@ -174,19 +166,15 @@ class SeatBoard:
         resource: ResourceName,
         requests: Sequence[Sequence[str]],
         observed: Mapping[SeatKey, Holder] | None = None,
-    ) -> list[response.ContainerAllocation]:
-        """Bind the seats of every container request, all or nothing."""
+    ) -> list[list[response.BoundSeat]]:
+        """Bind the seats of every container request, all or nothing; each one's seats
+        with their generations (``response.build`` makes the container's answer)."""
         with self._lock:
-            if self._awaiting_list and observed is not None:
+            if self._lost.awaiting and observed is not None:
                 self._reconcile_locked(observed)  # it may be the answer that ends the wait
                 observed = None
-            if self._awaiting_list:
-                raise AllocationError(
-                    "unavailable",
-                    "the seat ledger was lost and PodResources has not yet answered twice, "
-                    f"{GONE_CONFIRM_S:g}s apart, since; no new binding until it has (it "
-                    "shows which seats are held)",
-                )
+            if self._lost.awaiting:
+                raise self._lost.refusal()
             # What the observation changed is saved with the new binding, in one write.
             unsaved = observed is not None and self._reconcile_locked(observed, save=False)
             try:
@@ -196,36 +184,14 @@ class SeatBoard:
                 if unsaved:
                     self._saver.save()
                 raise
-            answers = self._bind_locked(resource, seats, unsaved)
-        return [
-            response.build(
-                resource,
-                bound,
-                strategy=self._policy.device_list_strategy,
-                dev_root=self._dev_root,
-                cuda_visible_devices=self._policy.cuda_visible_devices,
-            )
-            for bound in answers
-        ]
+            return self._bind_locked(resource, seats, unsaved)
 
     def _bind_locked(
         self, resource: ResourceName, seats: list[list[Seat]], unsaved: bool
     ) -> list[list[response.BoundSeat]]:
-        now, wall = self._monotonic(), self._clock()
-        new: list[tuple[Seat, Bound]] = []
-        answers: list[list[response.BoundSeat]] = []
-        for container_seats in seats:
-            bound: list[response.BoundSeat] = []
-            for seat in container_seats:
-                made = self._ledger.bind(
-                    (resource, seat.device_id), now, seat.group.name, seat.group.indices, wall
-                )
-                if made.is_new:
-                    new.append((seat, made))
-                else:  # a repeat moves the binding's allocatedAt; the next save shows it
-                    self._encoder.forget((resource, seat.group.name))
-                bound.append(response.BoundSeat(seat, made.generation))
-            answers.append(bound)
+        answers, new, repeated = _bind_all(self._ledger, seats, self._monotonic(), self._clock())
+        for group in repeated:  # a repeat moved its binding's allocatedAt
+            self._encoder.forget((resource, group))
         if not new:
             if unsaved:
                 self._saver.save()
@@ -260,37 +226,21 @@ class SeatBoard:
         must_include: Sequence[str],
         size: int,
     ) -> list[DeviceId]:
-        snapshot = self._snapshot
-        return placement.prefer(
-            snapshot.seats.get(resource, {}),
-            snapshot.held_per_group,
-            resource,
-            cast("Sequence[DeviceId]", available),
-            cast("Sequence[DeviceId]", must_include),
-            size,
-            strategy=self._policy.placement,
-            closeness=self._closeness.of(self._layout, resource),
-        )
+        closeness = self._closeness.of(self._layout, resource)
+        ids = cast("Sequence[DeviceId]", available), cast("Sequence[DeviceId]", must_include)
+        return placement.prefer(self._snapshot, resource, *ids, size, self._policy, closeness)
 
     # ---- evidence from the kubelet and the GPUs -------------------------------------
 
     def list_can_change(self) -> bool:
-        """Whether a PodResources ``List`` could change the ledger now: a binding is
-        live (its holder may be gone, or seen for the first time), a lost ledger is
-        being rebuilt, or a binding ended within ``release_grace_s`` (its holder may
-        show up again: a kubelet that restarts answers before its pods are back). A
-        ledger with none of these (an idle node) has nothing ``List`` could end or give
-        back; a seat held that it does not know can only follow a lost ledger (rebuilt
-        from the first answers after start) or a release (watched for this long)."""
+        """Whether a PodResources ``List`` could change the ledger now: a lost ledger
+        is being rebuilt, a holder is missing but not yet gone, or the ledger is
+        watching (:meth:`Ledger.watching`)."""
         with self._lock:
-            if self._awaiting_list or self._gone_pending:
-                return True
-            if next(self._ledger.held(), None) is not None:
-                return True
-            released = self._released_at
             return (
-                released is not None
-                and self._monotonic() - released <= self._ledger.release_grace_s
+                self._lost.awaiting
+                or self._gone_pending
+                or self._ledger.watching(self._monotonic())
             )
 
     def reconcile(self, observed: Mapping[SeatKey, Holder]) -> bool:
@@ -304,37 +254,24 @@ class SeatBoard:
         """Apply one observation; whether it changed anything (then saved if ``save``)."""
         now = self._monotonic()
         releases, seen, self._gone_pending = self._ledger.reconcile(observed, now)
-        if self._awaiting_list:
-            if self._awaiting_since is None:
-                self._awaiting_since = now
-            elif now - self._awaiting_since >= GONE_CONFIRM_S:
-                self._awaiting_list = False
-                log.info("PodResources answered twice since the seat ledger was lost: serving")
-                if self._lost_pins:  # what no adopted seat holds is free to regroup
-                    self._lost_pins = {}
-                    self._replan_locked()
-                    self._rebuild_locked()
-                    self._changed.notify_all()
-                if save:
-                    self._saver.save()
-            self._gone_pending = self._gone_pending or self._awaiting_list
-        for key, holder in observed.items():
-            seat = self._layout.seat(*key)
-            if seat is None or self._ledger.binding(key) is not None:
-                continue
-            generation = self._ledger.adopt(
-                key, holder, now, seat.group.name, seat.group.indices, self._clock()
-            )
+        if self._lost.awaiting and self._lost.answered(now):
+            log.info("PodResources answered twice since the seat ledger was lost: serving")
+            if self._lost.pins:  # what no adopted seat holds is free to regroup
+                self._lost.pins = {}
+                self._replan_locked()
+                self._rebuild_locked()
+                self._changed.notify_all()
+            if save:
+                self._saver.save()
+        self._gone_pending = self._gone_pending or self._lost.awaiting
+        adopted = _adopt_all(self._ledger, self._layout, observed, now, self._clock())
+        if adopted:
             try:
-                self._saver.reserve(generation, self._layout)
+                self._saver.reserve(max(adopted.values()), self._layout)
             except OSError as exc:
                 log.error("could not save the generation reservation: %s", exc)
-            seen.append(key)
-            _log_adopted(seat, holder, generation)
-        if releases:
-            self._released_at = now
-        for release in releases:
-            _log_released(release)
+        seen.extend(adopted)
+        _log_released(releases)
         if not releases and not seen:
             return False
         seats = [self._layout.seat(*key) for key in [*(r.key for r in releases), *seen]]
@@ -379,7 +316,7 @@ class SeatBoard:
         with self._lock:
             if plan is not None:
                 new = _as_plan(plan)
-                self._set_layout_locked(new(self._pins_locked()))
+                self._set_layout_locked(new(_pins(self._lost.pins, self._ledger)))
                 self._plan = new
             if policy is not None:
                 self._policy = policy
@@ -388,7 +325,7 @@ class SeatBoard:
     def held_groups(self) -> Pins:
         """Groups with live bindings, per group size: they must not be regrouped."""
         with self._lock:
-            return self._pins_locked()
+            return _pins(self._lost.pins, self._ledger)
 
     def close(self) -> None:
         with self._changed:
@@ -403,18 +340,9 @@ class SeatBoard:
 
     # ---- internals ---------------------------------------------------------------
 
-    def _pins_locked(self) -> dict[int, list[tuple[GroupName, tuple[int, ...]]]]:
-        pinned: dict[int, dict[GroupName, tuple[int, ...]]] = {}
-        for size, groups in self._lost_pins.items():
-            for name, gpus in groups:
-                pinned.setdefault(size, {})[name] = gpus
-        for _, binding in self._ledger.held():
-            pinned.setdefault(len(binding.gpus), {})[GroupName(binding.group)] = binding.gpus
-        return {size: list(groups.items()) for size, groups in pinned.items()}
-
     def _replan_locked(self) -> None:
         try:
-            layout = self._plan(self._pins_locked())
+            layout = self._plan(_pins(self._lost.pins, self._ledger))
         except layout_mod.LayoutError as exc:  # fewer pins than the plan last met
             log.error("could not regroup after a release: %s", "; ".join(exc.problems))
             return
@@ -429,15 +357,12 @@ class SeatBoard:
     def _facts(self) -> views.Facts:
         return views.Facts(self._layout, self._places, self._ledger, self._unhealthy, self._policy)
 
-    def _build_snapshot(self, version: int) -> views.Snapshot:
-        return views.build(self._facts(), version)
-
     def _state_fields(self) -> dict[str, str]:
         return self._encoder.fields(
             self._snapshot,
             self._facts(),
             set_aside=self._set_aside,
-            awaiting_list=self._awaiting_list,
+            awaiting_list=self._lost.awaiting,
             now=self._clock(),
         )
 
@@ -449,7 +374,7 @@ class SeatBoard:
 
     def _rebuild_locked(self) -> None:
         self._encoder.forget_all()
-        self._snapshot = self._build_snapshot(self._snapshot.version + 1)
+        self._snapshot = views.build(self._facts(), self._snapshot.version + 1)
 
     def _bindings_changed_locked(self, groups: Collection[tuple[ResourceName, Group]]) -> bool:
         """Publish the next snapshot after bindings in these layout groups changed;
@@ -458,6 +383,61 @@ class SeatBoard:
         for key in touched:
             self._encoder.forget(key)
         return shown
+
+
+def _bind_all(
+    ledger: Ledger, seats: Sequence[Sequence[Seat]], now: float, wall: float
+) -> tuple[list[list[response.BoundSeat]], list[tuple[Seat, Bound]], set[GroupName]]:
+    """Bind every container's seats: each one's bound seats, the new bindings, and the
+    groups of the repeated ones (the init-to-app hand-off)."""
+    answers: list[list[response.BoundSeat]] = []
+    new: list[tuple[Seat, Bound]] = []
+    repeated: set[GroupName] = set()
+    for container in seats:
+        bound: list[response.BoundSeat] = []
+        for seat in container:
+            key = (seat.resource, seat.device_id)
+            made = ledger.bind(key, now, seat.group.name, seat.group.indices, wall)
+            if made.is_new:
+                new.append((seat, made))
+            else:
+                repeated.add(seat.group.name)
+            bound.append(response.BoundSeat(seat, made.generation))
+        answers.append(bound)
+    return answers, new, repeated
+
+
+def _adopt_all(
+    ledger: Ledger, layout: Layout, observed: Mapping[SeatKey, Holder], now: float, wall: float
+) -> dict[SeatKey, int]:
+    """Bind each seat ``List`` shows held that the ledger has no binding for (its state
+    was lost) to its holder: the seats and their generations."""
+    adopted: dict[SeatKey, int] = {}
+    for key, holder in observed.items():
+        seat = layout.seat(*key)
+        if seat is None or ledger.binding(key) is not None:
+            continue
+        generation = ledger.adopt(key, holder, now, seat.group.name, seat.group.indices, wall)
+        adopted[key] = generation
+        log.warning(
+            "seat adopted: PodResources shows it held by %s, the seat ledger had no binding "
+            "(state lost?)",
+            holder,
+            extra={**_where(seat), "generation": generation},
+        )
+    return adopted
+
+
+def _pins(lost: Pins, ledger: Ledger) -> Pins:
+    """Groups that must not be regrouped: those with live bindings, and those pinned
+    while a lost ledger is rebuilt."""
+    pinned: dict[int, dict[GroupName, tuple[int, ...]]] = {}
+    for size, groups in lost.items():
+        for name, gpus in groups:
+            pinned.setdefault(size, {})[name] = gpus
+    for _, binding in ledger.held():
+        pinned.setdefault(len(binding.gpus), {})[GroupName(binding.group)] = binding.gpus
+    return {size: list(groups.items()) for size, groups in pinned.items()}
 
 
 def _as_plan(plan: Plan | Layout) -> Plan:
@@ -508,25 +488,17 @@ def _log_bound(seat: Seat, made: Bound) -> None:
     log.info("seat bound", extra={**where, "generation": made.generation})
 
 
-def _log_adopted(seat: Seat, holder: Holder, generation: int) -> None:
-    log.warning(
-        "seat adopted: PodResources shows it held by %s, the seat ledger had no binding "
-        "(state lost?)",
-        holder,
-        extra={**_where(seat), "generation": generation},
-    )
-
-
-def _log_released(release: Release) -> None:
-    resource, device_id = release.key
-    log.info(
-        "seat released: %s",
-        release.why,
-        extra={
-            "resource": resource,
-            "group": release.group,
-            "seat": device_id,
-            "gpus": release.gpus,
-            "generation": release.generation,
-        },
-    )
+def _log_released(releases: Sequence[Release]) -> None:
+    for release in releases:
+        resource, device_id = release.key
+        log.info(
+            "seat released: %s",
+            release.why,
+            extra={
+                "resource": resource,
+                "group": release.group,
+                "seat": device_id,
+                "gpus": release.gpus,
+                "generation": release.generation,
+            },
+        )

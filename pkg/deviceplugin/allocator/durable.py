@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from pkg.deviceplugin.allocator.document import LedgerEntry
 from pkg.deviceplugin.allocator.layout import Layout, Pins
-from pkg.deviceplugin.allocator.ledger import Ledger, floor_after_loss
+from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, Ledger, floor_after_loss
+from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
 
@@ -50,26 +51,51 @@ def settle() -> None:
     _WRITER.submit(lambda: None).result()
 
 
+class LostLedger:
+    """While a lost ledger is rebuilt (``awaiting``): no new binding until PodResources
+    has answered, twice and ``GONE_CONFIRM_S`` apart, since a kubelet that is restarting
+    answers before its pods are back (else a seat it shows held, or one it fences,
+    could go twice). ``pins``: the groups held over when it was lost, pinned until then,
+    so that a seat it shows held is adopted on the GPUs its pod has, not on the ones the
+    config gives its group now."""
+
+    def __init__(self, awaiting: bool, pins: Pins) -> None:
+        self.awaiting = awaiting
+        self.pins = pins if awaiting else {}
+        self._since: float | None = None
+
+    def answered(self, now: float) -> bool:
+        """One successful ``List`` while awaiting (``now``: monotonic); whether it is
+        the one that ends the wait."""
+        if self._since is None:
+            self._since = now
+        elif now - self._since >= GONE_CONFIRM_S:
+            self.awaiting = False
+            return True
+        return False
+
+    def refusal(self) -> AllocationError:
+        return AllocationError(
+            "unavailable",
+            "the seat ledger was lost and PodResources has not yet answered twice, "
+            f"{GONE_CONFIRM_S:g}s apart, since; no new binding until it has (it shows "
+            "which seats are held)",
+        )
+
+
 @dataclass(frozen=True)
 class Recovered:
     """What a board starts from besides its ledger."""
 
-    awaiting_list: bool
-    """The ledger was lost: no new binding until PodResources has answered, twice and
-    ``GONE_CONFIRM_S`` apart, since a kubelet that is restarting answers before its
-    pods are back (else a seat it shows held, or one it fences, could go twice)."""
+    lost: LostLedger
     reserved: int
-    lost_pins: Pins
-    """After a lost ledger, the groups held over when it was lost: pinned until
-    PodResources has been asked, so that a seat it shows held is adopted on the GPUs
-    its pod has, not on the ones the config gives its group now."""
 
 
 def recover(store: StateStore | None, ledger: Ledger, wall: float, now: float) -> Recovered:
     """Restore ``ledger`` from ``store`` and set its generation floor (``wall``: the
     wall clock, ``now``: monotonic, when a restored binding's grace starts)."""
     if store is None:
-        return Recovered(False, 0, {})
+        return Recovered(LostLedger(False, {}), 0)
     doc = store.load()
     if doc is not None:
         for resource, body in doc["resources"].items():
@@ -100,7 +126,7 @@ def recover(store: StateStore | None, ledger: Ledger, wall: float, now: float) -
                 store.path,
                 floor,
             )
-    return Recovered(awaiting, reserved, held_over if awaiting else {})
+    return Recovered(LostLedger(awaiting, held_over), reserved)
 
 
 class Saver:

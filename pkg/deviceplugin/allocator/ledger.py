@@ -139,6 +139,8 @@ class Ledger:
         self.gone_confirm_s = gone_confirm_s
         self.floor = 0
         """Every new generation is above this (see :func:`floor_after_loss`)."""
+        self.released_at: float | None = None
+        """When :meth:`reconcile` last ended a binding (monotonic)."""
         self._records: dict[SeatKey, SeatRecord] = {}
 
     def record(self, key: SeatKey) -> SeatRecord:
@@ -152,6 +154,18 @@ class Ledger:
         for key, record in self._records.items():
             if record.binding is not None:
                 yield key, record.binding
+
+    def watching(self, now: float) -> bool:
+        """Whether a PodResources ``List`` could change the ledger now: a binding is
+        live (its holder may be gone, or seen for the first time), or one ended within
+        ``release_grace_s`` (its holder may show up again: a kubelet that restarts
+        answers before its pods are back). With neither (an idle node), ``List`` has
+        nothing to end or give back: a seat held that the ledger does not know can only
+        follow a lost ledger (rebuilt from the first answers after start) or a
+        release (watched for this long)."""
+        if next(self.held(), None) is not None:
+            return True
+        return self.released_at is not None and now - self.released_at <= self.release_grace_s
 
     def bind(
         self, key: SeatKey, now: float, group: str, gpus: tuple[int, ...], wall: float = 0.0
@@ -235,6 +249,8 @@ class Ledger:
                 continue
             record.binding, record.released = None, binding
             releases.append(Release(key, binding.generation, why, binding.group, binding.gpus))
+        if releases:
+            self.released_at = now
         return releases, seen, pending
 
     def adopt(

@@ -8,11 +8,12 @@ available), several seats go to distinct groups where possible, close in topolog
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pkg.deviceplugin.allocator.layout import Layout
-from pkg.deviceplugin.allocator.views import GOOD_STATES, GroupKey, SeatView
+from pkg.deviceplugin.allocator.policy import Policy
+from pkg.deviceplugin.allocator.views import GOOD_STATES, Snapshot
 from pkg.deviceplugin.types import DeviceId, GroupName, PlacementPolicy, ResourceName, seat_number
 
 Strategy = PlacementPolicy
@@ -88,29 +89,29 @@ def choose(
 
 
 def prefer(
-    views: Mapping[DeviceId, SeatView],
-    held: Mapping[GroupKey, int],
+    snapshot: Snapshot,
     resource: ResourceName,
     available: Sequence[DeviceId],
     must_include: Sequence[DeviceId],
     size: int,
-    *,
-    strategy: Strategy,
+    policy: Policy,
     closeness: Callable[[GroupName, GroupName], int],
 ) -> list[DeviceId]:
-    """:func:`choose` over the seats of ``available`` this profile shows (``views``;
-    ``held``: held seats per group). The seats of one group in one condition rank alike
-    but for their number: they make one candidate."""
+    """:func:`choose` over the seats of ``available`` the snapshot shows for this
+    profile. The seats of one group in one condition rank alike but for their number:
+    they make one candidate."""
+    views = snapshot.seats.get(resource, {})
     pools: dict[tuple[GroupName, bool], list[DeviceId]] = {}
     for device_id in dict.fromkeys(available):
         view = views.get(device_id)
         if view is not None:
             pools.setdefault((view.group, view.state in GOOD_STATES), []).append(device_id)
+    held = snapshot.held_per_group
     candidates = [
         Candidate(group, good, held.get((resource, group), 0), tuple(seats))
         for (group, good), seats in pools.items()
     ]
-    return choose(candidates, must_include, size, strategy=strategy, closeness=closeness)
+    return choose(candidates, must_include, size, strategy=policy.placement, closeness=closeness)
 
 
 class Closeness:

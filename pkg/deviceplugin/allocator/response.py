@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pkg.deviceplugin.allocator.layout import Seat
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.types import CudaVisibleDevices, ResourceName
 
 ANNOTATION_PREFIX = "kyb.ai/"
@@ -42,6 +43,25 @@ class ContainerAllocation:
     annotations: dict[str, str]
     device_paths: tuple[str, ...]
     cdi_devices: tuple[str, ...]
+
+
+def build_all(
+    resource: ResourceName,
+    containers: Sequence[Sequence[BoundSeat]],
+    policy: Policy,
+    dev_root: Path,
+) -> list[ContainerAllocation]:
+    """The answer for each container of an Allocate, as the board bound its seats."""
+    return [
+        build(
+            resource,
+            bound,
+            strategy=policy.device_list_strategy,
+            dev_root=dev_root,
+            cuda_visible_devices=policy.cuda_visible_devices,
+        )
+        for bound in containers
+    ]
 
 
 def build(

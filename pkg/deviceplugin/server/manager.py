@@ -56,8 +56,11 @@ class PluginManager:
         clock: Callable[[], float] = time.monotonic,
         recorder: Recorder | None = None,
         register_timeout_s: float = registration.TIMEOUT_S,
+        dev_root: Path = Path("/"),
     ) -> None:
+        """``dev_root``: where the node's ``/dev`` is, for the Allocate answers."""
         self._board = board
+        self._dev_root = dev_root
         self._kubelet_dir = kubelet_dir
         self._kubelet_socket = kubelet_dir / registration.KUBELET_SOCKET
         self._pod_resources = pod_resources
@@ -96,6 +99,7 @@ class PluginManager:
                     clock=self._clock,
                     register_timeout_s=self._register_timeout_s,
                     on_change=self.wake,
+                    dev_root=self._dev_root,
                 )
         self.wake()
 

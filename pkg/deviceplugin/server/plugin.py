@@ -1,4 +1,8 @@
-"""The device-plugin gRPC service of one profile, answering from the shared seat board."""
+"""The device-plugin gRPC service of one profile, answering from the shared seat board.
+
+The board binds seats; what a container gets for them (envs, annotations, device
+nodes or CDI names; ``allocator/response.py``) is built here, at the edge, where the
+node's ``/dev`` is known."""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import grpc
 
+from pkg.deviceplugin.allocator import response
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.views import DeviceView
@@ -76,9 +82,14 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         pod_resources: PodResourcesClient | None,
         recorder: Recorder | None = None,
         on_streams: Callable[[], None] | None = None,
+        *,
+        dev_root: Path = Path("/"),
     ) -> None:
-        """``on_streams`` is called whenever a ListAndWatch stream opens or ends."""
+        """``on_streams`` is called whenever a ListAndWatch stream opens or ends;
+        ``dev_root``: where the node's ``/dev`` is (the optional device nodes offered
+        are those that exist there)."""
         self.resource = resource
+        self._dev_root = dev_root
         self._on_streams = on_streams or (lambda: None)
         self._board = board
         self._pod_resources = pod_resources
@@ -201,11 +212,12 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         ):
             observed = self._pod_resources.observe()
         try:
-            allocations = self._board.allocate(self.resource, requests, observed)
+            bound = self._board.allocate(self.resource, requests, observed)
         except AllocationError as exc:
             self._recorder.observe_allocate(self.resource, time.perf_counter() - started, False)
             log.warning("Allocate refused: %s", exc, extra={"resource": self.resource})
             context.abort(_STATUS[exc.code], str(exc))
+        allocations = response.build_all(self.resource, bound, self._board.policy, self._dev_root)
         self._recorder.observe_allocate(self.resource, time.perf_counter() - started, True)
         return api_pb2.AllocateResponse(
             container_responses=[

@@ -90,6 +90,7 @@ class ProfileServer:
         clock: Callable[[], float] = time.monotonic,
         register_timeout_s: float = registration.TIMEOUT_S,
         on_change: Callable[[], None] = lambda: None,
+        dev_root: Path = Path("/"),
     ) -> None:
         """Serves at once. ``workers``: the gRPC server's threads. ``on_change`` is
         called when ``tick`` may have something new to do: a ListAndWatch stream opened
@@ -104,6 +105,7 @@ class ProfileServer:
         self._recorder = recorder or NullMetrics()
         self._clock = clock
         self._register_timeout_s = register_timeout_s
+        self._dev_root = dev_root
         self._on_change = on_change
         self._lock = threading.Lock()
         self._stopped = False
@@ -123,6 +125,7 @@ class ProfileServer:
             self._pod_resources,
             self._recorder,
             on_streams=self._on_change,
+            dev_root=self._dev_root,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
-from pkg.deviceplugin.allocator import layout
+from pkg.deviceplugin.allocator import layout, response
 from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.ledger import Holder, SeatKey
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.types import Gpu, GroupName, ResourceName, Topology
@@ -106,7 +107,6 @@ def make_board(tmp_path: Path, clock: Clock, writes: WritesBehind) -> MakeBoard:
         policy: Policy | None = None,
         lay: layout.Layout | None = None,
         grace: float = 60.0,
-        dev_root: Path | None = None,
     ) -> SeatBoard:
         return SeatBoard(
             lay or seed_layout(),
@@ -115,8 +115,24 @@ def make_board(tmp_path: Path, clock: Clock, writes: WritesBehind) -> MakeBoard:
             release_grace_s=grace,
             clock=clock,
             monotonic=clock,
-            dev_root=dev_root or tmp_path / "root",
             write_behind=writes,
         )
 
     return make
+
+
+NO_DEV = Path("/nonexistent/dev-root")
+"""A ``/dev`` with none of the optional device nodes."""
+
+
+def allocate(
+    board: SeatBoard,
+    resource: ResourceName,
+    requests: Sequence[Sequence[str]],
+    observed: Mapping[SeatKey, Holder] | None = None,
+    *,
+    dev_root: Path = NO_DEV,
+) -> list[response.ContainerAllocation]:
+    """Allocate, and what the server answers for it (``server/plugin.py``)."""
+    bound = board.allocate(resource, requests, observed)
+    return response.build_all(resource, bound, board.policy, dev_root)

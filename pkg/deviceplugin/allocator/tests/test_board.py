@@ -17,6 +17,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     Clock,
     MakeBoard,
     WritesBehind,
+    allocate,
     seed_layout,
 )
 from pkg.deviceplugin.types import DeviceId, GroupName
@@ -51,7 +52,7 @@ def test_allocate_returns_envs_annotations_and_minor_device_nodes(
     (tmp_path / "root" / "dev").mkdir(parents=True)
     (tmp_path / "root" / "dev" / "nvidia-uvm").touch()
     board = make_board()
-    [answer] = board.allocate(R2, [["G23-s1"]])
+    [answer] = allocate(board, R2, [["G23-s1"]], dev_root=tmp_path / "root")
     # Under the NVIDIA runtime the container sees GPUs 2 and 3 as its CUDA devices 0, 1.
     assert answer.envs == {
         "CUDA_VISIBLE_DEVICES": "0,1",
@@ -84,7 +85,7 @@ def test_several_seats_list_their_facts_comma_separated_in_pci_bus_order(
     make_board: MakeBoard,
 ) -> None:
     board = make_board()
-    [answer] = board.allocate(R1, [["G3-s0", "G1-s2"]])
+    [answer] = allocate(board, R1, [["G3-s0", "G1-s2"]])
     assert answer.envs["KYB_GPU_SEAT"] == "G1-s2,G3-s0"
     assert answer.envs["KYB_GPU_GROUP"] == "G1,G3"
     assert answer.envs["KYB_SEAT_GEN"] == "1,1"
@@ -94,7 +95,7 @@ def test_several_seats_list_their_facts_comma_separated_in_pci_bus_order(
 
 def test_cdi_strategy_names_cdi_devices_instead_of_device_nodes(make_board: MakeBoard) -> None:
     board = make_board(Policy(device_list_strategy="cdi"))
-    [answer] = board.allocate(R1, [["G2-s0"]])
+    [answer] = allocate(board, R1, [["G2-s0"]])
     assert answer.device_paths == ()
     assert answer.cdi_devices == ("nvidia.com/gpu=GPU-00000002-aaaa-bbbb-cccc-dddddddddddd",)
 
@@ -103,8 +104,8 @@ def test_repeated_allocate_is_the_same_binding_with_the_same_generation(
     make_board: MakeBoard,
 ) -> None:
     board = make_board()
-    first = board.allocate(R2, [["G01-s0"]])
-    again = board.allocate(R2, [["G01-s0"]])
+    first = allocate(board, R2, [["G01-s0"]])
+    again = allocate(board, R2, [["G01-s0"]])
     assert first == again
     assert again[0].envs["KYB_SEAT_GEN"] == "1"
 
@@ -113,14 +114,14 @@ def test_seat_released_by_podresources_evidence_gets_a_higher_generation(
     make_board: MakeBoard, clock: Clock
 ) -> None:
     board = make_board()
-    board.allocate(R2, [["G01-s0"]])
+    allocate(board, R2, [["G01-s0"]])
     board.reconcile({(R2, DeviceId("G01-s0")): POD_A})
     assert board.reconcile({})  # holder seen before, missing now: ask again soon
     assert board.seat_views(R2)[DeviceId("G01-s0")].state == "held"
     clock.now += 2
     assert not board.reconcile({})  # still missing two seconds later: gone
     assert board.seat_views(R2)[DeviceId("G01-s0")].state == "free"
-    [answer] = board.allocate(R2, [["G01-s0"]])
+    [answer] = allocate(board, R2, [["G01-s0"]])
     assert answer.envs["KYB_SEAT_GEN"] == "2"
 
 
@@ -128,7 +129,7 @@ def test_binding_never_seen_ends_only_after_the_grace_period(
     make_board: MakeBoard, clock: Clock
 ) -> None:
     board = make_board(grace=60.0)
-    board.allocate(R2, [["G01-s0"]])
+    allocate(board, R2, [["G01-s0"]])
     clock.now += 59
     board.reconcile({})
     assert board.seat_views(R2)[DeviceId("G01-s0")].state == "held"
@@ -140,11 +141,11 @@ def test_binding_never_seen_ends_only_after_the_grace_period(
 def test_unknown_and_duplicate_ids_are_invalid_and_bind_nothing(make_board: MakeBoard) -> None:
     board = make_board()
     with pytest.raises(AllocationError) as unknown:
-        board.allocate(R2, [["G01-s0", "G99-s0"]])
+        allocate(board, R2, [["G01-s0", "G99-s0"]])
     assert unknown.value.code == "invalid"
     assert "G99-s0" in str(unknown.value)
     with pytest.raises(AllocationError) as duplicate:
-        board.allocate(R2, [["G01-s1"], ["G01-s1"]])
+        allocate(board, R2, [["G01-s1"], ["G01-s1"]])
     assert duplicate.value.code == "invalid"
     assert "G01-s1" in str(duplicate.value)
     assert all(v.state == "free" for v in board.seat_views(R2).values())
@@ -154,7 +155,7 @@ def test_holding_a_seat_fences_the_other_profiles_groups_sharing_its_gpus(
     make_board: MakeBoard,
 ) -> None:
     board = make_board()
-    board.allocate(R1, [["G0-s0"]])
+    allocate(board, R1, [["G0-s0"]])
     views = board.seat_views(R2)
     assert {views[DeviceId(f"G01-s{k}")].state for k in range(3)} == {"fenced"}
     assert views[DeviceId("G23-s0")].state == "free"
@@ -164,7 +165,7 @@ def test_holding_a_seat_fences_the_other_profiles_groups_sharing_its_gpus(
     # Same profile, same GPU: still shareable (that is what a seat is).
     assert board.seat_views(R1)[DeviceId("G0-s1")].state == "free"
     with pytest.raises(AllocationError) as refused:
-        board.allocate(R2, [["G01-s0"]])
+        allocate(board, R2, [["G01-s0"]])
     assert refused.value.code == "precondition"
     assert "held by group G0 of kyb.ai/gpu-1x-seat" in str(refused.value)
 
@@ -178,7 +179,7 @@ def gone(board: SeatBoard, clock: Clock) -> None:
 
 def test_release_of_the_holder_unfences(make_board: MakeBoard, clock: Clock) -> None:
     board = make_board()
-    board.allocate(R1, [["G1-s3"]])
+    allocate(board, R1, [["G1-s3"]])
     board.reconcile({(R1, DeviceId("G1-s3")): POD_A})
     assert board.seat_views(R2)[DeviceId("G01-s0")].state == "fenced"
     gone(board, clock)
@@ -187,8 +188,8 @@ def test_release_of_the_holder_unfences(make_board: MakeBoard, clock: Clock) -> 
 
 def test_allow_overprovision_offers_every_seat(make_board: MakeBoard) -> None:
     board = make_board(Policy(allow_overprovision=True))
-    board.allocate(R1, [["G0-s0"]])
-    [answer] = board.allocate(R2, [["G01-s0"]])
+    allocate(board, R1, [["G0-s0"]])
+    [answer] = allocate(board, R2, [["G01-s0"]])
     assert answer.envs["KYB_GPU_SEAT"] == "G01-s0"
 
 
@@ -204,7 +205,7 @@ def test_concurrent_allocates_across_profiles_never_double_book_a_gpu(
         resource, device_id = resource_and_id
         barrier.wait()
         try:
-            board.allocate(resource, [[device_id]])  # type: ignore[arg-type]
+            allocate(board, resource, [[device_id]])  # type: ignore[arg-type]
             wins.append(f"{resource}:{device_id}")
         except AllocationError as exc:
             assert exc.code == "precondition"
@@ -231,7 +232,7 @@ def test_unhealthy_gpu_makes_every_group_containing_it_unhealthy_in_every_profil
     assert sick1 == {DeviceId(f"G1-s{k}") for k in range(4)}
     assert sick2 == {DeviceId(f"G01-s{k}") for k in range(3)}
     with pytest.raises(AllocationError) as refused:
-        board.allocate(R2, [["G01-s0"]])
+        allocate(board, R2, [["G01-s0"]])
     assert "fell off the bus" in str(refused.value)
     board.set_unhealthy({})
     assert all(d.healthy for d in board.devices(R2))
@@ -239,23 +240,23 @@ def test_unhealthy_gpu_makes_every_group_containing_it_unhealthy_in_every_profil
 
 def test_drained_group_takes_no_new_binding_but_keeps_held_seats(make_board: MakeBoard) -> None:
     board = make_board(Policy(allow_overprovision=True))
-    board.allocate(R2, [["G23-s0"]])
+    allocate(board, R2, [["G23-s0"]])
     board.apply(policy=Policy(allow_overprovision=True, drain=frozenset({GroupName("G23")})))
     views = board.seat_views(R2)
     assert views[DeviceId("G23-s0")].state == "held"
     assert views[DeviceId("G23-s1")].state == "drained"
     with pytest.raises(AllocationError):
-        board.allocate(R2, [["G23-s1"]])
-    assert board.allocate(R2, [["G23-s0"]])[0].envs["KYB_SEAT_GEN"] == "1"
+        allocate(board, R2, [["G23-s1"]])
+    assert allocate(board, R2, [["G23-s0"]])[0].envs["KYB_SEAT_GEN"] == "1"
 
 
 def test_generations_and_bindings_survive_a_restart(make_board: MakeBoard, clock: Clock) -> None:
     board = make_board()
-    board.allocate(R2, [["G01-s0"]])
+    allocate(board, R2, [["G01-s0"]])
     board.reconcile({(R2, DeviceId("G01-s0")): POD_A})
     gone(board, clock)
-    board.allocate(R2, [["G01-s0"]])
-    board.allocate(R1, [["G2-s2"]])
+    allocate(board, R2, [["G01-s0"]])
+    allocate(board, R1, [["G2-s2"]])
     board.close()
     board.flush()  # a clean stop: generations go on counting
     restarted = make_board()
@@ -264,7 +265,7 @@ def test_generations_and_bindings_survive_a_restart(make_board: MakeBoard, clock
     assert restarted.seat_views(R1)[DeviceId("G2-s2")].state == "held"
     # a restored binding is past its hand-off window: its seat's next Allocate is a new
     # holder (a hand-off spanning a plugin restart gets a new generation, never an old one)
-    assert restarted.allocate(R1, [["G2-s2"]])[0].envs["KYB_SEAT_GEN"] == "2"
+    assert allocate(restarted, R1, [["G2-s2"]])[0].envs["KYB_SEAT_GEN"] == "2"
     assert restarted.seat_views(R2)[DeviceId("G23-s0")].state == "fenced"
 
 
@@ -272,7 +273,7 @@ def test_state_file_is_the_status_shape_with_ledger_detail(
     make_board: MakeBoard, tmp_path: Path, writes: WritesBehind
 ) -> None:
     board = make_board()
-    board.allocate(R2, [["G01-s2"]])
+    allocate(board, R2, [["G01-s2"]])
     writes.land()
     doc = json.loads((tmp_path / "state" / "state.json").read_text())
     assert doc["version"] == 1
@@ -288,7 +289,7 @@ def test_seat_removed_from_the_layout_while_held_stays_unhealthy_until_released(
     make_board: MakeBoard, clock: Clock
 ) -> None:
     board = make_board()
-    board.allocate(R2, [["G23-s2"]])
+    allocate(board, R2, [["G23-s2"]])
     smaller = seed_layout()
     from pkg.deviceplugin.allocator import layout
 
@@ -310,7 +311,7 @@ def test_list_can_change_only_with_a_binding_a_recent_release_or_a_lost_ledger(
 ) -> None:
     board = make_board(grace=60.0)
     assert not board.list_can_change()  # an idle node: nothing List could end or give back
-    board.allocate(R1, [["G1-s3"]])
+    allocate(board, R1, [["G1-s3"]])
     assert board.list_can_change()  # never seen yet: List would note its holder
     board.reconcile({(R1, DeviceId("G1-s3")): POD_A})
     assert board.list_can_change()  # seen: List would tell when it is gone

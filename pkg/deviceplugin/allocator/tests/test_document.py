@@ -13,7 +13,7 @@ from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import STATE_FILE, StateStore
-from pkg.deviceplugin.allocator.tests.support import R1, R2, MakeBoard, seed_layout
+from pkg.deviceplugin.allocator.tests.support import R1, R2, MakeBoard, allocate, seed_layout
 from pkg.deviceplugin.types import DeviceId, GroupName, SetAsideGpu
 
 
@@ -48,15 +48,15 @@ def busy_board(make_board: MakeBoard) -> SeatBoard:
     """Every kind of seat and group: held (seen and not), fenced, drained, unhealthy,
     a seat the config no longer has (its group only the binding keeps), set-aside GPUs."""
     board = make_board()
-    board.allocate(R1, [["G0-s0"]])
-    board.allocate(R2, [["G23-s2"]])
+    allocate(board, R1, [["G0-s0"]])
+    allocate(board, R2, [["G23-s2"]])
     board.reconcile(
         {
             (R1, DeviceId("G0-s0")): Holder("ns", "pod", "main"),
             (R2, DeviceId("G23-s2")): Holder("ns", "big", "main"),
         }
     )
-    board.allocate(R1, [["G1-s3"]])  # never seen
+    allocate(board, R1, [["G1-s3"]])  # never seen
     board.set_unhealthy({board.layout.topology.gpu(3).uuid: "is off the bus (Xid 79)"})
     board.set_aside_gpus([SetAsideGpu(7, "GPU-7", "a MIG-enabled GPU")])
     fewer = layout.build(

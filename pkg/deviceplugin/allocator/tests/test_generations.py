@@ -32,6 +32,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R2,
     Clock,
     WritesBehind,
+    allocate,
     model_examples,
     seed_layout,
 )
@@ -89,7 +90,7 @@ class GenerationsMachine(RuleBasedStateMachine):
         if not self.outage and self.board.needs_observation(resource, [seats]):
             observed = self._observed()
         try:
-            [answer] = self.board.allocate(resource, [seats], observed)
+            [answer] = allocate(self.board, resource, [seats], observed)
         finally:
             if observed is not None:
                 self._listed()
@@ -98,7 +99,7 @@ class GenerationsMachine(RuleBasedStateMachine):
     def _listed(self) -> None:
         """PodResources answered: a ledger lost before is rebuilt from it (once it has
         answered twice, two seconds apart)."""
-        self.awaiting_list = self.board._awaiting_list  # type: ignore[attr-defined]
+        self.awaiting_list = self.board._lost.awaiting  # type: ignore[attr-defined]
         for pod in self.adopt_pending & set(self.pods):
             resource, seats = self.pods[pod]
             views = self.board.seat_views(resource)
@@ -266,7 +267,7 @@ def board_with(clock: Clock, wall: Clock | None = None, **kwargs: float) -> Seat
 
 
 def gen(board: SeatBoard, resource: ResourceName, seat: str) -> int:
-    return int(board.allocate(resource, [[seat]])[0].envs["KYB_SEAT_GEN"])
+    return int(allocate(board, resource, [[seat]])[0].envs["KYB_SEAT_GEN"])
 
 
 def test_short_pods_never_pass_their_generation_on() -> None:
@@ -421,23 +422,23 @@ def test_a_lost_ledger_refuses_new_bindings_until_podresources_has_answered(
     # a 2x seat on GPUs 0, 1 while a pod holds the 1x seat of GPU 0: nobody knows yet
     assert after.needs_observation(R2, [["G01-s0"]])
     with pytest.raises(AllocationError) as refused:
-        after.allocate(R2, [["G01-s0"]])
+        allocate(after, R2, [["G01-s0"]])
     assert refused.value.code == "unavailable"
     # PodResources shows the holder: adopted, it fences the 2x group; but one answer is
     # not enough (a restarting kubelet answers before its pods are back)
     held = {(R1, DeviceId("G0-s0")): Holder("ns", "a", "app")}
     with pytest.raises(AllocationError) as waiting:
-        after.allocate(R2, [["G01-s0"]], held)
+        allocate(after, R2, [["G01-s0"]], held)
     assert waiting.value.code == "unavailable"
     # a restart meanwhile does not forget that the ledger is being rebuilt
     after = opened(tmp_path, wall, mono)
     with pytest.raises(AllocationError) as still:
-        after.allocate(R2, [["G01-s0"]])
+        allocate(after, R2, [["G01-s0"]])
     assert still.value.code == "unavailable"
     after.reconcile(held)
     mono.now += GONE_CONFIRM_S
     with pytest.raises(AllocationError) as fenced:
-        after.allocate(R2, [["G01-s0"]], held)
+        allocate(after, R2, [["G01-s0"]], held)
     assert fenced.value.code == "precondition"
     assert "awaitingList" not in json.loads((tmp_path / "state.json").read_text())
     view = after.seat_views(R1)[DeviceId("G0-s0")]

@@ -24,7 +24,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pkg.deviceplugin.allocator import layout
+from pkg.deviceplugin.allocator import layout, views
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.policy import Policy
@@ -35,6 +35,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R2,
     Clock,
     WritesBehind,
+    allocate,
     four_gpus_in_nvlink_pairs,
     model_examples,
 )
@@ -111,7 +112,7 @@ class HeldGroupsMachine(RuleBasedStateMachine):
             return
         seat = offered[pick % len(offered)]
         try:
-            [answer] = self.board.allocate(resource, [[seat]], self._observed())
+            [answer] = allocate(self.board, resource, [[seat]], self._observed())
         except AllocationError:
             return
         gpus = tuple(int(i) for i in answer.envs["KYB_GPU_INDICES"].split(","))
@@ -185,7 +186,7 @@ class HeldGroupsMachine(RuleBasedStateMachine):
         board = self.board
         with board._lock:  # type: ignore[attr-defined]
             shown = board._snapshot  # type: ignore[attr-defined]
-            full = board._build_snapshot(shown.version)  # type: ignore[attr-defined]
+            full = views.build(board._facts(), shown.version)  # type: ignore[attr-defined]
         assert shown.seats == full.seats
         assert shown.devices == full.devices
 
@@ -214,9 +215,9 @@ def held_board(config: str = "seed", clock: Clock | None = None) -> SeatBoard:
 def test_an_explicit_group_redefined_under_its_holder_stays_until_released() -> None:
     clock = Clock()
     board = held_board(clock=clock)
-    [first] = board.allocate(R2, [["G01-s0"]])
+    [first] = allocate(board, R2, [["G01-s0"]])
     board.apply(plan=plan_for("moved"))
-    [again] = board.allocate(R2, [["G01-s0"]])  # the hand-off to the app container
+    [again] = allocate(board, R2, [["G01-s0"]])  # the hand-off to the app container
     assert again == first and again.envs["KYB_GPU_INDICES"] == "0,1"
     board.reconcile({(R2, DeviceId("G01-s0")): Holder("ns", "a", "main")})
     assert board.status()["resources"][R2]["groups"]["G01"]["gpus"] == [0, 1]
@@ -230,11 +231,11 @@ def test_an_explicit_group_redefined_under_its_holder_stays_until_released() -> 
 
 def test_a_held_groups_name_is_never_listed_twice() -> None:
     board = held_board()
-    board.allocate(R2, [["G23-s1"]])
+    allocate(board, R2, [["G23-s1"]])
     board.apply(plan=plan_for("colliding"))  # G23 is now GPUs 0, 1 in the config
     ids = [d.device_id for d in board.devices(R2)]
     assert len(ids) == len(set(ids))
-    [again] = board.allocate(R2, [["G23-s1"]])
+    [again] = allocate(board, R2, [["G23-s1"]])
     assert again.envs["KYB_GPU_INDICES"] == "2,3"
     assert board.status()["resources"][R2]["groups"]["G23"]["gpus"] == [2, 3]
 
@@ -255,7 +256,7 @@ def test_a_seat_bound_while_a_new_layout_is_decided_keeps_its_group() -> None:
     applier.start()
     assert deciding.wait(5)
     answers: list[Sequence[object]] = []
-    allocator = threading.Thread(target=lambda: answers.append(board.allocate(R2, [["G01-s0"]])))
+    allocator = threading.Thread(target=lambda: answers.append(allocate(board, R2, [["G01-s0"]])))
     allocator.start()
     time.sleep(0.2)  # the Allocate is in flight while the layout is being decided
     go_on.set()
@@ -299,7 +300,7 @@ def test_a_seat_adopted_after_a_lost_ledger_stays_on_its_held_over_group(tmp_pat
 
     board = opened("seed")
     (tmp_path / "topology.json").write_text("{}")
-    board.allocate(R2, [["G01-s0"]])
+    allocate(board, R2, [["G01-s0"]])
     board.apply(plan=plan_for("moved"))  # G01 stays on GPUs 0, 1 for its holder
     (tmp_path / "state.json").unlink()
     after = opened("moved")

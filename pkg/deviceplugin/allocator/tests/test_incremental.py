@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from pkg.deviceplugin.allocator import layout
+from pkg.deviceplugin.allocator import layout, views
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.policy import Policy
@@ -26,6 +26,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R2,
     Clock,
     WritesBehind,
+    allocate,
     four_gpus_in_nvlink_pairs,
     model_examples,
 )
@@ -112,7 +113,7 @@ class IncrementalMachine(RuleBasedStateMachine):
         self.store.fail_next = fail
         observed: Any = dict(self.held) if observe else None
         with contextlib.suppress(AllocationError):
-            for answer in self.board.allocate(resource, requests, observed):
+            for answer in allocate(self.board, resource, requests, observed):
                 seats = answer.envs["KYB_GPU_SEAT"].split(",")
                 generations = map(int, answer.envs["KYB_SEAT_GEN"].split(","))
                 for seat, generation in zip(seats, generations, strict=True):
@@ -160,7 +161,7 @@ class IncrementalMachine(RuleBasedStateMachine):
     @invariant()
     def snapshot_equals_a_full_rebuild(self) -> None:
         snapshot = self.board._snapshot  # type: ignore[attr-defined]
-        assert snapshot == self.board._build_snapshot(snapshot.version)  # type: ignore[attr-defined]
+        assert snapshot == views.build(self.board._facts(), snapshot.version)  # type: ignore[attr-defined]
 
     @invariant()
     def encoded_state_equals_encoding_it_all_again(self) -> None:
@@ -195,7 +196,7 @@ TestIncrementalSnapshot = IncrementalMachine.TestCase
 def test_a_new_binding_keeps_the_device_lists_it_does_not_change(tmp_path: Path) -> None:
     board = SeatBoard(build(3), Policy(), StateStore(tmp_path), release_grace_s=60)
     before = {r: board._snapshot.devices[r] for r in (R1, R2, R4)}  # type: ignore[attr-defined]
-    board.allocate(R1, [["G0-s0"]])
+    allocate(board, R1, [["G0-s0"]])
     after = board._snapshot.devices  # type: ignore[attr-defined]
     # the seat stays healthy (free -> held): its own list is the same object
     assert after[R1] is before[R1]
@@ -218,10 +219,10 @@ def test_a_repeat_allocate_reaches_the_state_file_at_the_next_save(
         monotonic=clock,
         write_behind=writes,
     )
-    board.allocate(R1, [["G0-s0"]])
+    allocate(board, R1, [["G0-s0"]])
     clock.now += 5
-    board.allocate(R1, [["G0-s0"]])  # no save: nothing new to promise
-    board.allocate(R1, [["G2-s0"]])
+    allocate(board, R1, [["G0-s0"]])  # no save: nothing new to promise
+    allocate(board, R1, [["G2-s0"]])
     writes.land()
     doc = json.loads((tmp_path / "state.json").read_text())
     seat = doc["resources"][R1]["groups"]["G0"]["seats"][DeviceId("G0-s0")]
@@ -243,6 +244,6 @@ def test_streams_are_woken_at_once_only_when_a_device_list_changes(
     notify = changed.notify_all
     changed.notify_all = lambda: (woken.append(board.version), notify())
     version = board.version
-    board.allocate(R1, [["G0-s0"]])  # free -> held: healthy either way; fences G01, G0123
+    allocate(board, R1, [["G0-s0"]])  # free -> held: healthy either way; fences G01, G0123
     assert board.version == version + 1
     assert len(woken) == wakes

@@ -22,6 +22,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R2,
     Clock,
     WritesBehind,
+    allocate,
     four_gpus_in_nvlink_pairs,
     model_examples,
 )
@@ -76,7 +77,7 @@ class LedgerMachine(RuleBasedStateMachine):
         pod = f"p{self.next_pod}"
         self.next_pod += 1
         try:
-            [answer] = self.board.allocate(resource, [[seat]], self._observed())  # type: ignore[arg-type]
+            [answer] = allocate(self.board, resource, [[seat]], self._observed())  # type: ignore[arg-type]
         except AllocationError:
             return
         generation = int(answer.envs["KYB_SEAT_GEN"])
@@ -154,10 +155,10 @@ TestLedgerInvariants = LedgerMachine.TestCase
 
 def test_fenced_allocations_never_produce_two_profiles_on_one_gpu() -> None:
     board = SeatBoard(build(3), Policy(), None, release_grace_s=60)
-    board.allocate(R2, [["G01-s0"]])
+    allocate(board, R2, [["G01-s0"]])
     for seat in ("G0-s0", "G1-s3"):
         try:
-            board.allocate(R1, [[seat]])
+            allocate(board, R1, [[seat]])
         except AllocationError as exc:
             assert exc.code == "precondition"
         else:

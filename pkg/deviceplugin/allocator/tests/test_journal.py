@@ -26,6 +26,7 @@ from pkg.deviceplugin.allocator.tests.support import (
     R2,
     Clock,
     WritesBehind,
+    allocate,
     seed_layout,
 )
 from pkg.deviceplugin.allocator.tests.test_store import (
@@ -76,9 +77,9 @@ def journaled() -> tuple[bytes, bytes, bytes]:
         root = Path(scratch)
         board = opened(root)
         (root / "topology.json").write_text("{}")
-        board.allocate(R2, [["G01-s1"]])
-        board.allocate(R1, [["G2-s1"]])
-        board.allocate(R1, [["G3-s0"], ["G3-s1"]])
+        allocate(board, R2, [["G01-s1"]])
+        allocate(board, R1, [["G2-s1"]])
+        allocate(board, R1, [["G3-s0"], ["G3-s1"]])
         return (
             (root / "state.json").read_bytes(),
             (root / store_mod.JOURNAL_FILE).read_bytes(),
@@ -98,7 +99,7 @@ def restored_from(tmp_path: Path, journal: bytes) -> SeatBoard:
 def test_a_new_binding_is_durable_in_the_journal_before_the_state_file(tmp_path: Path) -> None:
     board = opened(tmp_path)
     (tmp_path / "topology.json").write_text("{}")
-    answer = board.allocate(R2, [["G01-s1"]])[0]
+    answer = allocate(board, R2, [["G01-s1"]])[0]
     assert answer.envs["KYB_SEAT_GEN"] == "1"
     # the write behind it has not run: only the journal has the binding
     assert saved_state(tmp_path, R2, "G01", "G01-s1") == "free"
@@ -110,14 +111,14 @@ def test_a_new_binding_is_durable_in_the_journal_before_the_state_file(tmp_path:
     # from above the reservation, never from a number the journal might have held
     reserved = reservation(tmp_path)
     assert reserved == 1 + durable.RESERVE_AHEAD
-    assert restarted.allocate(R2, [["G01-s1"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
-    assert restarted.allocate(R2, [["G01-s2"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
+    assert allocate(restarted, R2, [["G01-s1"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
+    assert allocate(restarted, R2, [["G01-s2"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
 
 
 def test_after_a_clean_stop_generations_go_on_counting(tmp_path: Path) -> None:
     board = opened(tmp_path)
     (tmp_path / "topology.json").write_text("{}")
-    board.allocate(R2, [["G01-s1"]])
+    allocate(board, R2, [["G01-s1"]])
     board.close()
     board.flush()
     assert journal_lines(tmp_path) == []
@@ -125,8 +126,8 @@ def test_after_a_clean_stop_generations_go_on_counting(tmp_path: Path) -> None:
     restarted = opened(tmp_path)
     # the start's save takes the mark away: a crash from here on is not a clean stop
     assert "cleanStop" not in json.loads((tmp_path / "state.json").read_text())
-    assert restarted.allocate(R2, [["G01-s1"]])[0].envs["KYB_SEAT_GEN"] == "2"
-    assert restarted.allocate(R2, [["G01-s2"]])[0].envs["KYB_SEAT_GEN"] == "1"
+    assert allocate(restarted, R2, [["G01-s1"]])[0].envs["KYB_SEAT_GEN"] == "2"
+    assert allocate(restarted, R2, [["G01-s2"]])[0].envs["KYB_SEAT_GEN"] == "1"
 
 
 def test_no_line_follows_a_document_marked_clean(
@@ -150,7 +151,7 @@ def test_no_line_follows_a_document_marked_clean(
     monkeypatch.setattr(store_mod, "atomic_write", failing_once)
     restarted = opened(tmp_path)
     assert json.loads((tmp_path / "state.json").read_text())["cleanStop"] is True
-    restarted.allocate(R2, [["G01-s1"]])
+    allocate(restarted, R2, [["G01-s1"]])
     assert "cleanStop" not in json.loads((tmp_path / "state.json").read_text())
     assert not (tmp_path / store_mod.JOURNAL_FILE).exists() or journal_lines(tmp_path) == []
 
@@ -164,7 +165,7 @@ def test_the_state_file_follows_on_the_writer_thread_and_empties_the_journal(
     tmp_path: Path,
 ) -> None:
     board = SeatBoard(seed_layout(), Policy(), StateStore(tmp_path), release_grace_s=60)
-    board.allocate(R2, [["G01-s1"]])
+    allocate(board, R2, [["G01-s1"]])
     durable.settle()
     assert saved_state(tmp_path, R2, "G01", "G01-s1") == "held"
     assert journal_lines(tmp_path) == []
@@ -199,7 +200,7 @@ def test_a_torn_last_line_is_ignored_and_loses_nothing(
     assert state(board, R1, "G3-s0") == ("free", 0)
     assert not board.needs_observation(R1, [["G3-s0"]])
     reserved = reservation(tmp_path)
-    assert board.allocate(R1, [["G3-s0"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
+    assert allocate(board, R1, [["G3-s0"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
 
 
 @pytest.mark.parametrize("how", ["bit-flip", "line-dropped-newline", "not-a-binding"])
@@ -225,7 +226,7 @@ def test_a_damaged_line_is_a_lost_ledger_and_the_journal_is_set_aside(
     assert [p.read_bytes() for p in aside] == [damaged]
     # only PodResources can say what is held now, and generations jump above the floor
     with pytest.raises(AllocationError) as refused:
-        board.allocate(R2, [["G23-s0"]])
+        allocate(board, R2, [["G23-s0"]])
     assert refused.value.code == "unavailable"
     assert board._ledger.floor > floor_after_loss(WALL - 1)
 
@@ -235,7 +236,7 @@ def test_a_line_a_later_save_holds_changes_nothing(tmp_path: Path) -> None:
     # emptying (it is not synced): the old line must not bring a released binding back.
     writes, mono = WritesBehind(), Clock()
     board = opened(tmp_path, writes, mono)
-    board.allocate(R2, [["G01-s1"]])
+    allocate(board, R2, [["G01-s1"]])
     stale = (tmp_path / store_mod.JOURNAL_FILE).read_bytes()
     writes.land()
     pod = {(R2, DeviceId("G01-s1")): Holder("ns", "a", "main")}
@@ -254,12 +255,12 @@ def test_a_release_an_allocate_observed_is_durable_with_its_binding(tmp_path: Pa
     # binding went to the journal, so a crash brought the 1x binding back under it.
     writes, mono = WritesBehind(), Clock()
     board = opened(tmp_path, writes, mono)
-    board.allocate(R1, [["G0-s0"]])
+    allocate(board, R1, [["G0-s0"]])
     board.reconcile({(R1, DeviceId("G0-s0")): Holder("ns", "a", "main")})
     board.reconcile({})
     mono.now += GONE_CONFIRM_S
     assert board.needs_observation(R2, [["G01-s0"]])  # fenced by the 1x seat on GPU 0
-    board.allocate(R2, [["G01-s0"]], {})
+    allocate(board, R2, [["G01-s0"]], {})
     writes.drop()  # a crash
     restarted = opened(tmp_path)
     assert state(restarted, R1, "G0-s0") == ("fenced", 1)  # released, fenced by the 2x seat
@@ -277,12 +278,12 @@ def test_a_failed_line_refuses_the_allocate_and_the_next_binding_saves_the_whole
 
     monkeypatch.setattr(os, "fdatasync", full_disk)
     with pytest.raises(AllocationError) as refused:
-        board.allocate(R2, [["G01-s1"]])
+        allocate(board, R2, [["G01-s1"]])
     assert refused.value.code == "unavailable"
     assert state(board, R2, "G01-s1") == ("free", 0)
     monkeypatch.setattr(os, "fdatasync", real)
     # the failed line may be on disk, torn: no line may follow it, the file is saved whole
-    board.allocate(R2, [["G01-s2"]])
+    allocate(board, R2, [["G01-s2"]])
     assert saved_state(tmp_path, R2, "G01", "G01-s2") == "held"
     assert journal_lines(tmp_path) == []
     assert state(opened(tmp_path), R2, "G01-s1") == ("free", 0)
@@ -294,7 +295,7 @@ def test_a_long_journal_is_emptied_by_the_next_binding(
     monkeypatch.setattr(store_mod, "JOURNAL_LIMIT_BYTES", 300)
     board = opened(tmp_path)  # its writes behind never land
     for seat in ("G0-s0", "G0-s1", "G0-s2", "G0-s3"):
-        board.allocate(R1, [[seat]])
+        allocate(board, R1, [[seat]])
         assert sum(map(len, journal_lines(tmp_path))) < 300 + 300
     assert saved_state(tmp_path, R1, "G0", "G0-s2") == "held"
 
@@ -328,7 +329,7 @@ def test_a_journal_cut_at_a_line_or_removed_after_a_crash_hands_out_no_generatio
         handed: dict[str, int] = {}
         for seat in seats:
             mono.now += 10  # past the hand-off window: a new holder each time
-            generation = int(board.allocate(R1, [[seat]])[0].envs["KYB_SEAT_GEN"])
+            generation = int(allocate(board, R1, [[seat]])[0].envs["KYB_SEAT_GEN"])
             assert generation > handed.get(seat, 0)
             handed[seat] = generation
         journal = root / store_mod.JOURNAL_FILE
@@ -338,5 +339,5 @@ def test_a_journal_cut_at_a_line_or_removed_after_a_crash_hands_out_no_generatio
             journal.write_bytes(b"".join(journal_lines(root)[:cut]))
         restarted = opened(root)
         for seat, before in handed.items():
-            again = int(restarted.allocate(R1, [[seat]])[0].envs["KYB_SEAT_GEN"])
+            again = int(allocate(restarted, R1, [[seat]])[0].envs["KYB_SEAT_GEN"])
             assert again > before, f"{seat} handed out {again} after {before}"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from pkg.deviceplugin.allocator import placement
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.policy import Policy
-from pkg.deviceplugin.allocator.tests.support import R1, R2, MakeBoard
+from pkg.deviceplugin.allocator.tests.support import R1, R2, MakeBoard, allocate
 from pkg.deviceplugin.types import DeviceId, GroupName
 
 ALL_1X = [f"G{g}-s{k}" for g in range(4) for k in range(4)]
@@ -17,7 +17,7 @@ ALL_1X = [f"G{g}-s{k}" for g in range(4) for k in range(4)]
 
 def _hold(board, resource, *ids: str) -> None:  # type: ignore[no-untyped-def]
     for device_id in ids:
-        board.allocate(resource, [[device_id]])
+        allocate(board, resource, [[device_id]])
     board.reconcile({(resource, DeviceId(d)): Holder("ns", d, "c") for d in ids})
 
 

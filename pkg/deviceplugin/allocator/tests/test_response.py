@@ -12,7 +12,7 @@ from pkg.deviceplugin.allocator import layout
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.requests import AllocationError
-from pkg.deviceplugin.allocator.tests.support import R1, R2
+from pkg.deviceplugin.allocator.tests.support import R1, R2, allocate
 from pkg.deviceplugin.types import CudaVisibleDevices, Gpu, GroupName, Topology
 
 # Four GPUs whose NVML indices are not in PCI bus order (a BIOS can enumerate so, and
@@ -39,7 +39,7 @@ def board(policy: Policy | None = None) -> SeatBoard:
 
 
 def test_a_group_not_starting_at_gpu_0_gets_cuda_ordinals_0_and_1() -> None:
-    [answer] = board().allocate(R2, [["G13-s0"]])
+    [answer] = allocate(board(), R2, [["G13-s0"]])
     assert answer.envs["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert answer.envs["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     # GPU 3 sits on bus 01, GPU 1 on bus 41: CUDA ordinal 0 in the container is GPU 3.
@@ -53,7 +53,7 @@ def test_a_group_not_starting_at_gpu_0_gets_cuda_ordinals_0_and_1() -> None:
 
 
 def test_two_seats_of_one_gpu_count_it_once() -> None:
-    [answer] = board().allocate(R1, [["G2-s1", "G2-s3"]])
+    [answer] = allocate(board(), R1, [["G2-s1", "G2-s3"]])
     assert answer.envs["CUDA_VISIBLE_DEVICES"] == "0"
     assert answer.envs["KYB_GPU_INDICES"] == "2"
     assert answer.envs["KYB_GPU_SEAT"] == "G2-s1,G2-s3"
@@ -67,8 +67,8 @@ def test_two_seats_of_one_gpu_count_it_once() -> None:
 def test_cuda_visible_devices_form_is_the_operators_choice(
     form: CudaVisibleDevices, expected: str
 ) -> None:
-    [answer] = board(Policy(allow_overprovision=True, cuda_visible_devices=form)).allocate(
-        R2, [["G13-s2"]]
+    [answer] = allocate(
+        board(Policy(allow_overprovision=True, cuda_visible_devices=form)), R2, [["G13-s2"]]
     )
     assert answer.envs["CUDA_VISIBLE_DEVICES"] == expected
     assert answer.envs["KYB_GPU_INDICES"] == "3,1"
@@ -88,8 +88,8 @@ def test_every_list_is_in_one_order_whatever_order_the_kubelet_sends(
     # The kubelet shuffles the IDs; the init container and the app container that reuses
     # its seats (a repeat of the same IDs in another order) must get identical answers.
     b = board()
-    [first] = b.allocate(R1, [picked])
-    [again] = b.allocate(R1, [data.draw(st.permutations(picked))])
+    [first] = allocate(b, R1, [picked])
+    [again] = allocate(b, R1, [data.draw(st.permutations(picked))])
     assert again == first
     seats = first.envs["KYB_GPU_SEAT"].split(",")
     indices = [int(i) for i in first.envs["KYB_GPU_INDICES"].split(",")]
@@ -108,36 +108,30 @@ def test_invalid_argument_messages_quote_a_few_ids_each_shortened_then_a_count()
     b = board()
     many = [f"nope-{i}" for i in range(100_000)]
     with pytest.raises(AllocationError) as unknown:
-        b.allocate(R1, [many])
+        allocate(b, R1, [many])
     assert unknown.value.code == "invalid"
     message = str(unknown.value)
     assert "nope-0, nope-1" in message and "and 99995 more" in message
     assert len(message) < 1000
     huge = "x" * 1_000_000
     with pytest.raises(AllocationError) as long_id:
-        b.allocate(R1, [[huge]])
+        allocate(b, R1, [[huge]])
     assert len(str(long_id.value)) < 300
     assert "1000000 chars" in str(long_id.value)
     with pytest.raises(AllocationError) as repeated:
-        b.allocate(R1, [["G0-s0"] * 50_000])
+        allocate(b, R1, [["G0-s0"] * 50_000])
     assert "and 49994 more" in str(repeated.value) and len(str(repeated.value)) < 1000
 
 
 def test_a_control_character_in_an_id_is_quoted_not_written_raw() -> None:
     with pytest.raises(AllocationError) as err:
-        board().allocate(R1, [["bad\nline"]])
+        allocate(board(), R1, [["bad\nline"]])
     assert "\n" not in str(err.value) and "bad\\nline" in str(err.value)
 
 
 def test_uvm_nodes_are_offered_only_where_they_exist(tmp_path: Path) -> None:
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev" / "nvidia-uvm-tools").touch()
-    b = SeatBoard(
-        board().layout,
-        Policy(allow_overprovision=True),
-        None,
-        release_grace_s=60,
-        dev_root=tmp_path,
-    )
-    [answer] = b.allocate(R1, [["G0-s0"]])
+    b = SeatBoard(board().layout, Policy(allow_overprovision=True), None, release_grace_s=60)
+    [answer] = allocate(b, R1, [["G0-s0"]], dev_root=tmp_path)
     assert answer.device_paths == ("/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm-tools")

@@ -19,7 +19,14 @@ from pkg.deviceplugin.allocator.ledger import GONE_CONFIRM_S, floor_after_loss
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.store import MAX_GENERATION, StateStore
-from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, model_examples, seed_layout
+from pkg.deviceplugin.allocator.tests.support import (
+    R1,
+    R2,
+    Clock,
+    allocate,
+    model_examples,
+    seed_layout,
+)
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 FREE_SEAT = ("kyb.ai/gpu-2x-seat", "G01", "G01-s0")
@@ -38,7 +45,7 @@ def rebuilt_then_bound(board: SeatBoard) -> int:
     a seat is bound; its generation."""
     board.reconcile({})
     MONOTONIC.now += GONE_CONFIRM_S
-    return int(board.allocate(R2, [["G01-s0"]], {})[0].envs["KYB_SEAT_GEN"])
+    return int(allocate(board, R2, [["G01-s0"]], {})[0].envs["KYB_SEAT_GEN"])
 
 
 @pytest.mark.parametrize(
@@ -102,7 +109,7 @@ def test_a_failed_durable_write_refuses_the_allocate_and_binds_nothing(tmp_path:
     not_a_dir.write_text("")
     board = SeatBoard(seed_layout(), Policy(), StateStore(not_a_dir), release_grace_s=60)
     with pytest.raises(AllocationError) as refused:
-        board.allocate(R2, [["G01-s0"]])
+        allocate(board, R2, [["G01-s0"]])
     assert refused.value.code == "unavailable"
     view = board.seat_views(R2)[DeviceId("G01-s0")]
     assert (view.state, view.generation) == ("free", 0)
@@ -202,9 +209,9 @@ def real_state() -> bytes:
     """A state file as the real board writes it, with seats held on two profiles."""
     with tempfile.TemporaryDirectory() as scratch:
         board = SeatBoard(seed_layout(), Policy(), StateStore(Path(scratch)), release_grace_s=60)
-        board.allocate(R2, [["G01-s1"]])
-        board.allocate(R1, [["G2-s1"]])
-        board.allocate(R1, [["G3-s0"]])
+        allocate(board, R2, [["G01-s1"]])
+        allocate(board, R1, [["G2-s1"]])
+        allocate(board, R1, [["G3-s0"]])
         board.close()
         board.flush()
         return (Path(scratch) / "state.json").read_bytes()

@@ -48,7 +48,11 @@ class Node:
 
     def start(self, register_timeout_s: float = registration.TIMEOUT_S) -> PluginManager:
         self.manager = PluginManager(
-            self.board, self.root / "dp", None, register_timeout_s=register_timeout_s
+            self.board,
+            self.root / "dp",
+            None,
+            register_timeout_s=register_timeout_s,
+            dev_root=self.root / "devroot",
         )
         self.manager.sync()
         self.stop = threading.Event()
@@ -99,7 +103,6 @@ def make_node() -> Iterator[object]:
             Policy(allow_overprovision=True),
             StateStore(root / "state"),
             release_grace_s=60.0,
-            dev_root=root / "devroot",
         )
         node = Node(root, kubelet, board)
         made.append(node)

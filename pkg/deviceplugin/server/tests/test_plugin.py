@@ -78,7 +78,12 @@ class Node:
             client = PodResourcesClient(self.pod_resources.path, timeout_s=2.0)
             self.clients.append(client)
         plugin = SeatPlugin(
-            resource, self.board, client, self.recorded, on_streams=self._streams_changed
+            resource,
+            self.board,
+            client,
+            self.recorded,
+            on_streams=self._streams_changed,
+            dev_root=self.root / "dev",
         )
         served = ServedPlugin(plugin, self.root / socket_name_of(resource))
         self.served[resource] = served
@@ -123,7 +128,6 @@ def make_node() -> Iterator[MakeNode]:
             release_grace_s=GRACE_S,
             clock=clock,
             monotonic=clock,
-            dev_root=root / "dev",
         )
         node = Node(root, board, clock, PodResourcesServer(root / "pr.sock").start())
         made.append(node)

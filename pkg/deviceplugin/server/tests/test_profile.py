@@ -17,7 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pkg.deviceplugin.allocator.board import Policy, SeatBoard
+from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, Clock, seed_layout
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
@@ -49,7 +50,6 @@ class Node:
             Policy(allow_overprovision=True),
             StateStore(self.root / "state"),
             release_grace_s=60.0,
-            dev_root=self.root / "devroot",
         )
         self.kubelets: list[KubeletSimulator] = []
         self.profiles: list[ProfileServer] = []
@@ -82,6 +82,7 @@ class Node:
             workers=SERVER_WORKERS,
             clock=self.clock,
             register_timeout_s=register_timeout_s,
+            dev_root=self.root / "devroot",
         )
         self.profiles.append(profile)
         return profile
