@@ -87,7 +87,7 @@ def new_binding() -> None:
         store = StateStore(root / "state")
         board = _board(store)
         one_x = ResourceName("kyb.ai/gpu-1x-seat")
-        seats = seat_ids(FIXTURE)[one_x]
+        seats = [DeviceId(s) for s in seat_ids(FIXTURE)[one_x]]
         fresh = iter(seats)
 
         def bind(count: int) -> None:
@@ -146,7 +146,7 @@ def new_binding() -> None:
 
         # on stores of their own: the board's write behind uses its own
         alone = StateStore(root / "alone")
-        line = [(one_x, seats[0], board._ledger.to_entry((one_x, DeviceId(seats[0]))))]
+        line = [(one_x, seats[0], board._ledger.to_entry((one_x, seats[0])))]
         split = rpc.interleaved(
             {
                 "new": new,
@@ -184,7 +184,7 @@ def journal(rounds: int = 40, per_round: int = 10) -> None:
     try:
         board = _board(None)
         one_x = ResourceName("kyb.ai/gpu-1x-seat")
-        for device_id in seat_ids(FIXTURE)[one_x][:JOURNAL_BOUND_SEATS]:
+        for device_id in [DeviceId(s) for s in seat_ids(FIXTURE)[one_x]][:JOURNAL_BOUND_SEATS]:
             board.allocate(one_x, [[device_id]], None)
         with board._lock:
             state = encode_object({**board._state_fields(), "version": "1"})
@@ -247,7 +247,7 @@ def journal(rounds: int = 40, per_round: int = 10) -> None:
 def preferred() -> None:
     board = _board(None)
     one_x = ResourceName("kyb.ai/gpu-1x-seat")
-    available = list(seat_ids(FIXTURE)[one_x])
+    available = [DeviceId(s) for s in seat_ids(FIXTURE)[one_x]]
 
     def pick(size: int, times: int) -> None:
         for _ in range(times):

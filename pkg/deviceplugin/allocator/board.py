@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 from pkg.deviceplugin.allocator import durable, placement, response, status, views
 from pkg.deviceplugin.allocator import layout as layout_mod
@@ -139,7 +139,9 @@ class SeatBoard:
 
     # ---- allocation --------------------------------------------------------------
 
-    def needs_observation(self, resource: ResourceName, requests: Sequence[Sequence[str]]) -> bool:
+    def needs_observation(
+        self, resource: ResourceName, requests: Sequence[Sequence[DeviceId]]
+    ) -> bool:
         """Whether an Allocate should first look at PodResources.
 
         Only a fenced seat does: its blocker may be gone. Which binding a request makes
@@ -150,7 +152,7 @@ class SeatBoard:
             return True
         shown = self._snapshot.seats.get(resource, {})
         return any(
-            (view := shown.get(DeviceId(device_id))) is not None and view.state == "fenced"
+            (view := shown.get(device_id)) is not None and view.state == "fenced"
             for ids in requests
             for device_id in ids
         )
@@ -164,7 +166,7 @@ class SeatBoard:
     def allocate(
         self,
         resource: ResourceName,
-        requests: Sequence[Sequence[str]],
+        requests: Sequence[Sequence[DeviceId]],
         observed: Mapping[SeatKey, Holder] | None = None,
     ) -> list[list[response.BoundSeat]]:
         """Bind the seats of every container request, all or nothing; each one's seats
@@ -222,13 +224,14 @@ class SeatBoard:
     def preferred(
         self,
         resource: ResourceName,
-        available: Sequence[str],
-        must_include: Sequence[str],
+        available: Sequence[DeviceId],
+        must_include: Sequence[DeviceId],
         size: int,
     ) -> list[DeviceId]:
         closeness = self._closeness.of(self._layout, resource)
-        ids = cast("Sequence[DeviceId]", available), cast("Sequence[DeviceId]", must_include)
-        return placement.prefer(self._snapshot, resource, *ids, size, self._policy, closeness)
+        return placement.prefer(
+            self._snapshot, resource, available, must_include, size, self._policy, closeness
+        )
 
     # ---- evidence from the kubelet and the GPUs -------------------------------------
 

@@ -42,7 +42,7 @@ def validate(
     layout: Layout,
     views: Mapping[DeviceId, SeatView],
     resource: ResourceName,
-    requests: Sequence[Sequence[str]],
+    requests: Sequence[Sequence[DeviceId]],
 ) -> list[list[Seat]]:
     """The seats each container request names, where every one is known, named once in
     the whole Allocate, and free or held (``views``: the resource's seats as shown);
@@ -64,7 +64,7 @@ def validate(
                 duplicates.append(device_id)
                 continue
             seen.add(device_id)
-            seat = layout.seat(resource, DeviceId(device_id))
+            seat = layout.seat(resource, device_id)
             if seat is None:
                 unknown.append(device_id)
             else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +22,7 @@ from pkg.deviceplugin.allocator.views import DeviceView
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pkg.deviceplugin.metrics import NullMetrics, Recorder
 from pkg.deviceplugin.server.podresources import PodResourcesClient
-from pkg.deviceplugin.types import ResourceName
+from pkg.deviceplugin.types import DeviceId, ResourceName
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,8 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "allocation_size must be >= 0")
             chosen = self._board.preferred(
                 self.resource,
-                list(container.available_deviceIDs),
-                list(container.must_include_deviceIDs),
+                _device_ids(container.available_deviceIDs),
+                _device_ids(container.must_include_deviceIDs),
                 container.allocation_size,
             )
             answers.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=chosen))
@@ -205,7 +205,7 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
     ) -> api_pb2.AllocateResponse:
         started = time.perf_counter()
-        requests = [list(c.devices_ids) for c in request.container_requests]
+        requests = [_device_ids(c.devices_ids) for c in request.container_requests]
         observed = None
         if self._pod_resources is not None and self._board.needs_observation(
             self.resource, requests
@@ -238,3 +238,9 @@ class SeatPlugin(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreStartContainerResponse:
         return api_pb2.PreStartContainerResponse()
+
+
+def _device_ids(ids: Iterable[str]) -> list[DeviceId]:
+    """The kubelet's device IDs, named as what they are from here on (any string: the
+    board refuses those it does not know)."""
+    return [DeviceId(device_id) for device_id in ids]

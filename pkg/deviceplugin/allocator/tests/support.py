@@ -11,7 +11,7 @@ from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder, SeatKey
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
-from pkg.deviceplugin.types import Gpu, GroupName, ResourceName, Topology
+from pkg.deviceplugin.types import DeviceId, Gpu, GroupName, ResourceName, Topology
 
 
 def model_examples(default: int) -> int:
@@ -134,5 +134,6 @@ def allocate(
     dev_root: Path = NO_DEV,
 ) -> list[response.ContainerAllocation]:
     """Allocate, and what the server answers for it (``server/plugin.py``)."""
-    bound = board.allocate(resource, requests, observed)
+    ids = [[DeviceId(device_id) for device_id in container] for container in requests]
+    bound = board.allocate(resource, ids, observed)
     return response.build_all(resource, bound, board.policy, dev_root)
