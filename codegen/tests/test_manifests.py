@@ -16,6 +16,7 @@ import celpy
 import pytest
 import yaml
 from celpy import celtypes
+from celpy.adapter import json_to_cel
 
 from codegen import __main__ as cli
 from codegen import manifests, stubs
@@ -590,7 +591,7 @@ def _run_cel(expression: str, pod: dict[str, Any], variables: dict[str, Any]) ->
     env = celpy.Environment()
     program = env.program(env.compile(expression), functions={"join": _cel_join})
     activation = {
-        "object": celpy.json_to_cel(pod),
+        "object": json_to_cel(pod),
         "variables": celtypes.MapType({celtypes.StringType(k): v for k, v in variables.items()}),
     }
     return program.evaluate(activation)

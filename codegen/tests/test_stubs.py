@@ -222,8 +222,9 @@ def test_every_message_keeps_the_kubelet_field_numbers(
 
 def test_wire_types_that_are_easy_to_get_wrong() -> None:
     response = dp.ContainerAllocateResponse.DESCRIPTOR.fields_by_name
-    assert response["envs"].message_type.GetOptions().map_entry
-    assert response["annotations"].message_type.GetOptions().map_entry
+    envs, annotations = response["envs"].message_type, response["annotations"].message_type
+    assert envs is not None and envs.GetOptions().map_entry
+    assert annotations is not None and annotations.GetOptions().map_entry
     assert response["cdi_devices"].message_type is dp.CDIDevice.DESCRIPTOR
     assert dp.NUMANode.DESCRIPTOR.fields_by_name["ID"].type == FieldDescriptor.TYPE_INT64
     allocation = dp.ContainerPreferredAllocationRequest.DESCRIPTOR.fields_by_name

@@ -28,7 +28,7 @@ from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, seed_layout
 from pkg.deviceplugin.server.plugin import SeatPlugin
 from pkg.deviceplugin.server.tests.support import ServedPlugin, short_dir
-from pkg.deviceplugin.types import socket_name_of
+from pkg.deviceplugin.types import DeviceId, socket_name_of
 
 MOCK = "nvlink-pairs-4"  # four GPUs in two NVLink pairs
 PROFILES = (
@@ -323,7 +323,7 @@ def test_codegen_gets_its_arguments_untouched_and_its_exit_code_is_passed_on(
 
 def test_status_shows_the_live_seat_map_as_json_and_as_a_table(run: Cli) -> None:
     board = SeatBoard(seed_layout(), Policy(), StateStore(run.state_dir), release_grace_s=60)
-    board.allocate(R1, [["G0-s1"]])
+    board.allocate(R1, [[DeviceId("G0-s1")]])
     settle()
     argv = ["status", "--config", str(run.config()), *run.paths()]
     shown = run.run(*argv, "--output", "json")

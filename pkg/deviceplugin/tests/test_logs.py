@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -102,10 +102,11 @@ def test_python_warnings_become_log_lines(root: logging.Logger) -> None:
 def test_a_groups_gpus_are_a_list_in_json_and_comma_joined_in_text(
     root: logging.Logger,
 ) -> None:
-    for fmt, check in (
+    checks: list[tuple[str, Callable[[str], bool]]] = [
         ("json", lambda out: json.loads(out)["gpus"] == [2, 3]),
         ("text", lambda out: out.rstrip("\n").endswith("[group=G23 gpus=2,3]")),
-    ):
+    ]
+    for fmt, check in checks:
         out = io.StringIO()
         logs.setup(fmt, stream=out)
         logging.getLogger("pkg.deviceplugin.test").info(

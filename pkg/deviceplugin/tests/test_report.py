@@ -5,17 +5,17 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 from pkg.deviceplugin import report
 from pkg.deviceplugin.allocator.board import SeatBoard
+from pkg.deviceplugin.allocator.document import SeatDoc, StatusDoc
 from pkg.deviceplugin.allocator.durable import settle
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import R1, R2, four_gpus_in_nvlink_pairs, seed_layout
 from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config
-from pkg.deviceplugin.types import Gpu, GroupName, SetAsideGpu, Topology
+from pkg.deviceplugin.types import DeviceId, Gpu, GroupName, SetAsideGpu, Topology
 
 R4 = "kyb.ai/gpu-4x-seat"
 TOPOLOGY = four_gpus_in_nvlink_pairs()
@@ -25,7 +25,7 @@ def config(text: str) -> Config:
     return loader.load_text(text, "config.yaml")
 
 
-def seats_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+def seats_of(doc: StatusDoc) -> list[SeatDoc]:
     return [
         seat
         for body in doc["resources"].values()
@@ -177,7 +177,7 @@ def test_the_status_view_of_a_state_file_is_the_boards_status_document(tmp_path:
         release_grace_s=60,
     )
     board.set_aside_gpus([SetAsideGpu(7, "GPU-7", "MIG mode is enabled")])
-    board.allocate(R1, [["G0-s1"]])
+    board.allocate(R1, [[DeviceId("G0-s1")]])
     board.set_unhealthy({TOPOLOGY.gpu(3).uuid: "XID 79"})
     settle()
     state = json.loads((tmp_path / "state.json").read_text())
@@ -238,20 +238,26 @@ def test_the_status_view_drops_ledger_detail_and_tolerates_missing_sections() ->
 
 
 def test_the_seat_map_shows_health_fences_and_drains_groups_in_gpu_order() -> None:
-    doc = {
+    doc: StatusDoc = {
         "resources": {
             R2: {
                 "groups": {
                     "A23": {
                         "gpus": [2, 3],
+                        "uuids": ["GPU-2", "GPU-3"],
                         "health": "Unhealthy",
+                        "numaNodes": [1],
+                        "fenced": False,
                         "drained": True,
                         "seats": {"A23-s0": {"state": "unhealthy", "generation": 2}},
                     },
                     "Z01": {
                         "gpus": [0, 1],
+                        "uuids": ["GPU-0", "GPU-1"],
                         "health": "Healthy",
+                        "numaNodes": [0],
                         "fenced": True,
+                        "drained": False,
                         "links": {"0-1": "NV4"},
                         "seats": {
                             "Z01-s0": {"state": "fenced", "generation": 0, "why": "GPU 0 ..."},

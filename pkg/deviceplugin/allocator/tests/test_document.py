@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints, is_typeddict
 
 from pkg.deviceplugin.allocator import document, layout
 from pkg.deviceplugin.allocator.board import SeatBoard
@@ -20,7 +20,7 @@ from pkg.deviceplugin.types import DeviceId, GroupName, SetAsideGpu
 def problems(value: object, shape: Any, where: str = "") -> list[str]:
     """Where ``value`` does not have the keys ``shape`` (a TypedDict, or a dict, list
     or union of them) declares."""
-    if isinstance(shape, type) and hasattr(shape, "__required_keys__"):
+    if is_typeddict(shape):
         if not isinstance(value, Mapping):
             return [f"{where}: not an object"]
         found: list[str] = []
@@ -38,7 +38,7 @@ def problems(value: object, shape: Any, where: str = "") -> list[str]:
         return [p for k, v in value.items() for p in problems(v, args[1], f"{where}/{k}")]
     if origin is list and isinstance(value, list):
         return [p for i, v in enumerate(value) for p in problems(v, args[0], f"{where}/{i}")]
-    typed = [a for a in args if isinstance(a, type) and hasattr(a, "__required_keys__")]
+    typed = [a for a in args if is_typeddict(a)]
     if typed and isinstance(value, Mapping):  # a TypedDict or None
         return problems(value, typed[0], where)
     return []

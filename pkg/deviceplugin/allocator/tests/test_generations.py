@@ -39,8 +39,8 @@ from pkg.deviceplugin.allocator.tests.support import (
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 SEATS = {
-    R1: [f"G{g}-s{k}" for g in range(4) for k in range(4)],
-    R2: [f"G{p}-s{k}" for p in ("01", "23") for k in range(3)],
+    R1: [DeviceId(f"G{g}-s{k}") for g in range(4) for k in range(4)],
+    R2: [DeviceId(f"G{p}-s{k}") for p in ("01", "23") for k in range(3)],
 }
 # A pod lives longer than the hand-off window: only then may it never pass its
 # generation on (a pod shorter than the window is the one case the kubelet's Allocate
@@ -59,7 +59,7 @@ class GenerationsMachine(RuleBasedStateMachine):
         (self.dir / "topology.json").write_text("{}")  # as the runtime writes after start
         self.adopt_pending: set[str] = set()
         self.awaiting_list = False
-        self.pods: dict[str, tuple[ResourceName, tuple[str, ...]]] = {}
+        self.pods: dict[str, tuple[ResourceName, tuple[DeviceId, ...]]] = {}
         self.generation_of: dict[str, dict[str, int]] = {}
         self.seen: set[str] = set()
         self.highest: dict[tuple[ResourceName, str], int] = {}
@@ -80,12 +80,12 @@ class GenerationsMachine(RuleBasedStateMachine):
     def _observed(self) -> dict[tuple[ResourceName, DeviceId], Holder]:
         # List shows app containers only (plain init containers never appear there)
         return {
-            (resource, DeviceId(seat)): Holder("ns", pod, "app")
+            (resource, seat): Holder("ns", pod, "app")
             for pod, (resource, seats) in self.pods.items()
             for seat in seats
         }
 
-    def _allocate(self, resource: ResourceName, seats: list[str]) -> dict[str, str]:
+    def _allocate(self, resource: ResourceName, seats: list[DeviceId]) -> dict[str, str]:
         observed = None
         if not self.outage and self.board.needs_observation(resource, [seats]):
             observed = self._observed()
@@ -99,12 +99,12 @@ class GenerationsMachine(RuleBasedStateMachine):
     def _listed(self) -> None:
         """PodResources answered: a ledger lost before is rebuilt from it (once it has
         answered twice, two seconds apart)."""
-        self.awaiting_list = self.board._lost.awaiting  # type: ignore[attr-defined]
+        self.awaiting_list = self.board._lost.awaiting
         for pod in self.adopt_pending & set(self.pods):
             resource, seats = self.pods[pod]
             views = self.board.seat_views(resource)
             for seat in seats:
-                view = views[DeviceId(seat)]
+                view = views[seat]
                 assert view.state == "held", (pod, seat, view)
                 # its binding survived (a damaged file loses only its damaged entries),
                 # or it was adopted one generation above anything handed out
@@ -183,7 +183,7 @@ class GenerationsMachine(RuleBasedStateMachine):
         for pod in self.seen & set(self.pods) if not self.awaiting_list else ():
             resource, seats = self.pods[pod]
             views = self.board.seat_views(resource)
-            assert all(views[DeviceId(s)].state == "held" for s in seats), (pod, seats)
+            assert all(views[s].state == "held" for s in seats), (pod, seats)
         self.board.reconcile(self._observed())
         self.seen |= set(self.pods)
 
@@ -234,7 +234,7 @@ class GenerationsMachine(RuleBasedStateMachine):
         for pod, (resource, seats) in self.pods.items():
             views = self.board.seat_views(resource)
             for seat in seats:
-                view = views[DeviceId(seat)]
+                view = views[seat]
                 assert view.state == "held", (pod, seat, view)
                 # its binding is the one it was given: same generation, not a new one
                 assert view.generation == self.generation_of[pod][seat], (pod, seat, view)
@@ -242,7 +242,7 @@ class GenerationsMachine(RuleBasedStateMachine):
     @invariant()
     def no_gpu_is_held_through_two_profiles(self) -> None:
         holders: dict[int, set[str]] = {}
-        for (resource, _), binding in self.board._ledger.held():  # type: ignore[attr-defined]
+        for (resource, _), binding in self.board._ledger.held():
             for gpu in binding.gpus:
                 holders.setdefault(gpu, set()).add(resource)
         assert all(len(r) == 1 for r in holders.values()), holders
@@ -298,7 +298,7 @@ def test_a_seen_holders_seat_repeated_is_a_new_holder_without_asking_podresource
     assert gen(board, R2, "G01-s0") == 1
     board.reconcile({(R2, DeviceId("G01-s0")): Holder("ns", "a", "app")})
     # pod a is deleted, pod b gets the seat while PodResources is down: no observation
-    assert not board.needs_observation(R2, [["G01-s0"]])
+    assert not board.needs_observation(R2, [[DeviceId("G01-s0")]])
     assert gen(board, R2, "G01-s0") == 2
     board.reconcile({(R2, DeviceId("G01-s0")): Holder("ns", "b", "app")})
     assert board.seat_views(R2)[DeviceId("G01-s0")].generation == 2
@@ -420,7 +420,7 @@ def test_a_lost_ledger_refuses_new_bindings_until_podresources_has_answered(
     (tmp_path / "state.json").unlink()
     after = opened(tmp_path, wall, mono)
     # a 2x seat on GPUs 0, 1 while a pod holds the 1x seat of GPU 0: nobody knows yet
-    assert after.needs_observation(R2, [["G01-s0"]])
+    assert after.needs_observation(R2, [[DeviceId("G01-s0")]])
     with pytest.raises(AllocationError) as refused:
         allocate(after, R2, [["G01-s0"]])
     assert refused.value.code == "unavailable"

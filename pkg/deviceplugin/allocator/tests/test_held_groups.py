@@ -17,14 +17,13 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pkg.deviceplugin.allocator import layout, views
+from pkg.deviceplugin.allocator import layout, response, views
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.policy import Policy
@@ -153,7 +152,7 @@ class HeldGroupsMachine(RuleBasedStateMachine):
 
     @invariant()
     def a_held_seat_keeps_the_group_and_gpus_it_was_bound_on(self) -> None:
-        bindings = dict(self.board._ledger.held())  # type: ignore[attr-defined]
+        bindings = dict(self.board._ledger.held())
         for (resource, seat), (_, group, gpus) in self.held.items():
             binding = bindings.get((resource, DeviceId(seat)))
             if binding is None:  # released on evidence: its pod is gone
@@ -184,16 +183,16 @@ class HeldGroupsMachine(RuleBasedStateMachine):
     @invariant()
     def what_is_shown_equals_a_full_rebuild(self) -> None:
         board = self.board
-        with board._lock:  # type: ignore[attr-defined]
-            shown = board._snapshot  # type: ignore[attr-defined]
-            full = views.build(board._facts(), shown.version)  # type: ignore[attr-defined]
+        with board._lock:
+            shown = board._snapshot
+            full = views.build(board._facts(), shown.version)
         assert shown.seats == full.seats
         assert shown.devices == full.devices
 
     @invariant()
     def no_gpu_is_held_by_two_profiles(self) -> None:
         holders: dict[int, set[str]] = {}
-        for (resource, _), binding in self.board._ledger.held():  # type: ignore[attr-defined]
+        for (resource, _), binding in self.board._ledger.held():
             for gpu in binding.gpus:
                 holders.setdefault(gpu, set()).add(resource)
         assert all(len(r) == 1 for r in holders.values()), holders
@@ -255,7 +254,7 @@ def test_a_seat_bound_while_a_new_layout_is_decided_keeps_its_group() -> None:
     applier = threading.Thread(target=board.apply, kwargs={"plan": slow_plan})
     applier.start()
     assert deciding.wait(5)
-    answers: list[Sequence[object]] = []
+    answers: list[list[response.ContainerAllocation]] = []
     allocator = threading.Thread(target=lambda: answers.append(allocate(board, R2, [["G01-s0"]])))
     allocator.start()
     time.sleep(0.2)  # the Allocate is in flight while the layout is being decided
@@ -265,7 +264,7 @@ def test_a_seat_bound_while_a_new_layout_is_decided_keeps_its_group() -> None:
     [[answer]] = answers
     seat = board.layout.seat(R2, DeviceId("G01-s0"))
     assert seat is not None
-    assert answer.envs["KYB_GPU_INDICES"] == ",".join(map(str, seat.group.indices))  # type: ignore[attr-defined]
+    assert answer.envs["KYB_GPU_INDICES"] == ",".join(map(str, seat.group.indices))
 
 
 def test_group_names_stay_when_the_gpus_from_10_up_are_off_the_bus_at_a_restart() -> None:

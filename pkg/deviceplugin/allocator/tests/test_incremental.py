@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pkg.deviceplugin.allocator import layout, views
 from pkg.deviceplugin.allocator.board import SeatBoard
-from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.document import LedgerEntry
+from pkg.deviceplugin.allocator.ledger import Holder, SeatKey
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.store import StateStore
@@ -35,9 +36,9 @@ from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
 TOPOLOGY = four_gpus_in_nvlink_pairs()
 R4 = ResourceName("kyb.ai/gpu-4x-seat")
 SEATS = {
-    R1: [f"G{g}-s{k}" for g in range(4) for k in range(4)],
-    R2: [f"G{p}-s{k}" for p in ("01", "23") for k in range(3)],
-    R4: [f"G0123-s{k}" for k in range(2)],
+    R1: [DeviceId(f"G{g}-s{k}") for g in range(4) for k in range(4)],
+    R2: [DeviceId(f"G{p}-s{k}") for p in ("01", "23") for k in range(3)],
+    R4: [DeviceId(f"G0123-s{k}") for k in range(2)],
 }
 GPU_UUIDS = [g.uuid for g in TOPOLOGY.gpus]
 
@@ -68,7 +69,7 @@ class FlakyStore(StateStore):
         self._maybe_fail()
         super().write(payload)
 
-    def append(self, seats: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+    def append(self, seats: Sequence[tuple[str, str, LedgerEntry]]) -> None:
         self._maybe_fail()
         super().append(seats)
 
@@ -94,8 +95,8 @@ class IncrementalMachine(RuleBasedStateMachine):
             monotonic=self.clock,
             write_behind=self.writes,
         )
-        self.held: dict[tuple[str, str], Holder] = {}
-        self.promised: dict[tuple[str, str], int] = {}
+        self.held: dict[SeatKey, Holder] = {}
+        self.promised: dict[SeatKey, int] = {}
 
     @rule(
         resource=st.sampled_from([R1, R2, R4]),
@@ -111,13 +112,13 @@ class IncrementalMachine(RuleBasedStateMachine):
         ids = SEATS[resource]
         requests = [[ids[k % len(ids)] for k in container] for container in picks]
         self.store.fail_next = fail
-        observed: Any = dict(self.held) if observe else None
+        observed = dict(self.held) if observe else None
         with contextlib.suppress(AllocationError):
             for answer in allocate(self.board, resource, requests, observed):
                 seats = answer.envs["KYB_GPU_SEAT"].split(",")
                 generations = map(int, answer.envs["KYB_SEAT_GEN"].split(","))
                 for seat, generation in zip(seats, generations, strict=True):
-                    self.promised[(resource, seat)] = generation
+                    self.promised[(resource, DeviceId(seat))] = generation
         self.store.fail_next = False
 
     @rule(resource=st.sampled_from([R1, R2, R4]), k=st.integers(0, 15), seen=st.booleans())
@@ -130,7 +131,7 @@ class IncrementalMachine(RuleBasedStateMachine):
 
     @rule()
     def reconcile(self) -> None:
-        self.board.reconcile(self.held)  # type: ignore[arg-type]
+        self.board.reconcile(self.held)
 
     @rule(fail=st.booleans())
     def state_file_written_behind(self, fail: bool) -> None:
@@ -160,8 +161,8 @@ class IncrementalMachine(RuleBasedStateMachine):
 
     @invariant()
     def snapshot_equals_a_full_rebuild(self) -> None:
-        snapshot = self.board._snapshot  # type: ignore[attr-defined]
-        assert snapshot == views.build(self.board._facts(), snapshot.version)  # type: ignore[attr-defined]
+        snapshot = self.board._snapshot
+        assert snapshot == views.build(self.board._facts(), snapshot.version)
 
     @invariant()
     def encoded_state_equals_encoding_it_all_again(self) -> None:
@@ -179,12 +180,14 @@ class IncrementalMachine(RuleBasedStateMachine):
         doc = StateStore(self.store.state_dir).load()
         assert doc is not None
         for (resource, seat), generation in list(self.promised.items()):
-            view = self.board.seat_views(resource).get(DeviceId(seat))
+            view = self.board.seat_views(resource).get(seat)
             if view is None or view.state != "held" or view.generation != generation:
                 del self.promised[(resource, seat)]
                 continue
             saved = doc["resources"][resource]["groups"][view.group]["seats"][seat]
-            assert saved["binding"]["generation"] == view.generation
+            binding = saved["binding"]
+            assert binding is not None
+            assert binding["generation"] == view.generation
 
 
 IncrementalMachine.TestCase.settings = settings(
@@ -195,9 +198,9 @@ TestIncrementalSnapshot = IncrementalMachine.TestCase
 
 def test_a_new_binding_keeps_the_device_lists_it_does_not_change(tmp_path: Path) -> None:
     board = SeatBoard(build(3), Policy(), StateStore(tmp_path), release_grace_s=60)
-    before = {r: board._snapshot.devices[r] for r in (R1, R2, R4)}  # type: ignore[attr-defined]
+    before = {r: board._snapshot.devices[r] for r in (R1, R2, R4)}
     allocate(board, R1, [["G0-s0"]])
-    after = board._snapshot.devices  # type: ignore[attr-defined]
+    after = board._snapshot.devices
     # the seat stays healthy (free -> held): its own list is the same object
     assert after[R1] is before[R1]
     # G01 and G0123 are fenced now: those lists changed
@@ -240,9 +243,14 @@ def test_streams_are_woken_at_once_only_when_a_device_list_changes(
         release_grace_s=60,
     )
     woken: list[int] = []
-    changed: Any = board._changed  # type: ignore[attr-defined]
+    changed: Any = board._changed
     notify = changed.notify_all
-    changed.notify_all = lambda: (woken.append(board.version), notify())
+
+    def notify_all() -> None:
+        woken.append(board.version)
+        notify()
+
+    changed.notify_all = notify_all
     version = board.version
     allocate(board, R1, [["G0-s0"]])  # free -> held: healthy either way; fences G01, G0123
     assert board.version == version + 1

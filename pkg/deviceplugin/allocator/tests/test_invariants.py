@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pkg.deviceplugin.allocator import layout
 from pkg.deviceplugin.allocator.board import SeatBoard
-from pkg.deviceplugin.allocator.ledger import Holder
+from pkg.deviceplugin.allocator.ledger import Holder, SeatKey
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.requests import AllocationError
 from pkg.deviceplugin.allocator.store import StateStore
@@ -26,12 +26,12 @@ from pkg.deviceplugin.allocator.tests.support import (
     four_gpus_in_nvlink_pairs,
     model_examples,
 )
-from pkg.deviceplugin.types import DeviceId, GroupName
+from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
 
 TOPOLOGY = four_gpus_in_nvlink_pairs()
 SEATS = {
-    R1: [f"G{g}-s{k}" for g in range(4) for k in range(4)],
-    R2: [f"G{p}-s{k}" for p in ("01", "23") for k in range(3)],
+    R1: [DeviceId(f"G{g}-s{k}") for g in range(4) for k in range(4)],
+    R2: [DeviceId(f"G{p}-s{k}") for p in ("01", "23") for k in range(3)],
 }
 
 
@@ -53,8 +53,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ever_overprovisioned = False
         self.writes = WritesBehind()
         self.board = self._open()
-        self.pods: dict[tuple[str, str], str] = {}  # (resource, seat) -> pod
-        self.seen_generation: dict[tuple[str, str], int] = {}
+        self.pods: dict[SeatKey, str] = {}  # (resource, seat) -> pod
+        self.seen_generation: dict[SeatKey, int] = {}
         self.next_pod = 0
 
     def _open(self) -> SeatBoard:
@@ -68,16 +68,16 @@ class LedgerMachine(RuleBasedStateMachine):
             write_behind=self.writes,
         )
 
-    def _observed(self) -> dict[tuple[str, str], Holder]:
+    def _observed(self) -> dict[SeatKey, Holder]:
         return {(r, d): Holder("ns", pod, "main") for (r, d), pod in self.pods.items()}
 
     @rule(resource=st.sampled_from([R1, R2]), k=st.integers(0, 15))
-    def allocate(self, resource: str, k: int) -> None:
+    def allocate(self, resource: ResourceName, k: int) -> None:
         seat = SEATS[resource][k % len(SEATS[resource])]
         pod = f"p{self.next_pod}"
         self.next_pod += 1
         try:
-            [answer] = allocate(self.board, resource, [[seat]], self._observed())  # type: ignore[arg-type]
+            [answer] = allocate(self.board, resource, [[seat]], self._observed())
         except AllocationError:
             return
         generation = int(answer.envs["KYB_SEAT_GEN"])
@@ -135,7 +135,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if self.ever_overprovisioned:
             return
         holders: dict[int, set[str]] = {}
-        for (resource, _), binding in self.board._ledger.held():  # type: ignore[attr-defined]
+        for (resource, _), binding in self.board._ledger.held():
             for gpu in binding.gpus:
                 holders.setdefault(gpu, set()).add(resource)
         assert all(len(r) == 1 for r in holders.values()), holders

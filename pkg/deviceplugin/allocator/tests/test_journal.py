@@ -198,7 +198,7 @@ def test_a_torn_last_line_is_ignored_and_loses_nothing(
     assert state(board, R1, "G2-s1") == ("held", 1)
     # the torn Allocate never answered: its seats are free, and no ledger was lost
     assert state(board, R1, "G3-s0") == ("free", 0)
-    assert not board.needs_observation(R1, [["G3-s0"]])
+    assert not board.needs_observation(R1, [[DeviceId("G3-s0")]])
     reserved = reservation(tmp_path)
     assert allocate(board, R1, [["G3-s0"]])[0].envs["KYB_SEAT_GEN"] == str(reserved + 1)
 
@@ -259,7 +259,7 @@ def test_a_release_an_allocate_observed_is_durable_with_its_binding(tmp_path: Pa
     board.reconcile({(R1, DeviceId("G0-s0")): Holder("ns", "a", "main")})
     board.reconcile({})
     mono.now += GONE_CONFIRM_S
-    assert board.needs_observation(R2, [["G01-s0"]])  # fenced by the 1x seat on GPU 0
+    assert board.needs_observation(R2, [[DeviceId("G01-s0")]])  # fenced by the 1x seat on GPU 0
     allocate(board, R2, [["G01-s0"]], {})
     writes.drop()  # a crash
     restarted = opened(tmp_path)

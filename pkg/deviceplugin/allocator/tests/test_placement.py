@@ -7,15 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pkg.deviceplugin.allocator import placement
+from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.tests.support import R1, R2, MakeBoard, allocate
-from pkg.deviceplugin.types import DeviceId, GroupName
+from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
 
-ALL_1X = [f"G{g}-s{k}" for g in range(4) for k in range(4)]
+ALL_1X = [DeviceId(f"G{g}-s{k}") for g in range(4) for k in range(4)]
 
 
-def _hold(board, resource, *ids: str) -> None:  # type: ignore[no-untyped-def]
+def _hold(board: SeatBoard, resource: ResourceName, *ids: str) -> None:
     for device_id in ids:
         allocate(board, resource, [[device_id]])
     board.reconcile({(resource, DeviceId(d)): Holder("ns", d, "c") for d in ids})
@@ -45,15 +46,15 @@ def test_several_seats_go_to_distinct_groups_close_in_topology(make_board: MakeB
 
 def test_must_include_is_honoured_and_completed(make_board: MakeBoard) -> None:
     board = make_board()
-    chosen = board.preferred(R1, ALL_1X, ["G2-s3"], 2)
+    chosen = board.preferred(R1, ALL_1X, [DeviceId("G2-s3")], 2)
     assert chosen[0] == "G2-s3"
     assert chosen[1] == "G3-s0"
 
 
 def test_never_returns_an_id_outside_available(make_board: MakeBoard) -> None:
     board = make_board()
-    available = ["G1-s1", "G3-s2", "bogus"]
-    chosen = board.preferred(R1, available, ["G0-s0"], 3)
+    available = [DeviceId("G1-s1"), DeviceId("G3-s2"), DeviceId("bogus")]
+    chosen = board.preferred(R1, available, [DeviceId("G0-s0")], 3)
     assert set(chosen) <= set(available)
     assert len(chosen) == 2
 
@@ -61,7 +62,9 @@ def test_never_returns_an_id_outside_available(make_board: MakeBoard) -> None:
 def test_bad_seats_come_last(make_board: MakeBoard) -> None:
     board = make_board()
     _hold(board, R1, "G0-s0")  # fences G01 in the 2x profile
-    chosen = board.preferred(R2, ["G01-s0", "G01-s1", "G23-s2"], [], 1)
+    chosen = board.preferred(
+        R2, [DeviceId("G01-s0"), DeviceId("G01-s1"), DeviceId("G23-s2")], [], 1
+    )
     assert chosen == ["G23-s2"]
 
 
@@ -144,6 +147,6 @@ def test_ranking_groups_picks_what_ranking_every_seat_picks(
         [DeviceId(d) for d in must],
         size,
         strategy=strategy,
-        closeness=closeness,  # type: ignore[arg-type]
+        closeness=closeness,
     )
     assert chosen == _seat_by_seat(seats, must, size, strategy, closeness)

@@ -94,6 +94,11 @@ class RecordingPlugin(api_pb2_grpc.DevicePluginServicer):
             ]
         )
 
+    def PreStartContainer(
+        self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PreStartContainerResponse:
+        return api_pb2.PreStartContainerResponse()  # never asked: its options do not require it
+
 
 @dataclass
 class World:

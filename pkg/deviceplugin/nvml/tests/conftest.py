@@ -20,7 +20,7 @@ from pkg.deviceplugin.nvml import fixtures, mocklib
 from pkg.deviceplugin.nvml.topofile import TopologyFile, load_topology_file
 from pkg.deviceplugin.types import LinkKind
 
-LEVELS = {
+LEVELS: dict[LinkKind, int] = {
     LinkKind.PIX: pynvml.NVML_TOPOLOGY_SINGLE,
     LinkKind.PXB: pynvml.NVML_TOPOLOGY_MULTIPLE,
     LinkKind.PHB: pynvml.NVML_TOPOLOGY_HOSTBRIDGE,
@@ -209,7 +209,7 @@ class FakeNvml:
 
     def nvmlDeviceGetTopologyCommonAncestor(self, a: Handle, b: Handle) -> int:
         link = self.topo.link(a.index, b.index)
-        return LEVELS.get(link.kind, pynvml.NVML_TOPOLOGY_SYSTEM)
+        return LEVELS.get(link.kind, LEVELS[LinkKind.SYS])
 
     def _port(self, h: Handle, link: int) -> mocklib.Port:
         ports = self.ports[h.index]
@@ -229,11 +229,12 @@ class FakeNvml:
 
     def nvmlDeviceGetNvLinkRemoteDeviceType(self, h: Handle, link: int) -> int:
         port = self._port(h, link)
-        return (
+        kind: int = (
             pynvml.NVML_NVLINK_DEVICE_TYPE_GPU
             if port.remote == "gpu"
             else pynvml.NVML_NVLINK_DEVICE_TYPE_SWITCH
         )
+        return kind
 
     def nvmlEventSetCreate(self) -> str:
         return "event-set"

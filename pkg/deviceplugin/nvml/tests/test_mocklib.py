@@ -55,7 +55,9 @@ def serve(
 
 
 @pytest.mark.parametrize("name", fixtures.FIXTURES)
-def test_real_backend_over_the_c_mock_discovers_what_mock_backend_does(serve, name: str) -> None:
+def test_real_backend_over_the_c_mock_discovers_what_mock_backend_does(
+    serve: Serve, name: str
+) -> None:
     real = serve(name)
     assert real.discover() == MockBackend.from_name_or_path(name).discover()
 

@@ -325,7 +325,12 @@ def test_close_wakes_a_waiter_on_a_node_without_events(make_fake: MakeFake, sysf
     real = backend(make_fake("single-gpu", unsupported={"nvmlEventSetCreate"}), sysfs)
     real.wait_xid_events(0)
     done = threading.Event()
-    waiter = threading.Thread(target=lambda: (real.wait_xid_events(30), done.set()))
+
+    def wait() -> None:
+        real.wait_xid_events(30)
+        done.set()
+
+    waiter = threading.Thread(target=wait)
     waiter.start()
     real.close()
     assert done.wait(5)

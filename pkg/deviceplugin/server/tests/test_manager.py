@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import pytest
@@ -90,13 +91,19 @@ class Node:
         return self.kubelet.register_calls.count(resource)
 
 
+class MakeNode(Protocol):
+    def __call__(self, *, register_reply_delay_s: float = 0.0) -> Node: ...
+
+
 @pytest.fixture
-def make_node() -> Iterator[object]:
+def make_node() -> Iterator[MakeNode]:
     made: list[Node] = []
 
-    def make(**kubelet_options: float) -> Node:
+    def make(*, register_reply_delay_s: float = 0.0) -> Node:
         root = Path(tempfile.mkdtemp(prefix="kyb-mgr-", dir="/tmp"))
-        kubelet = KubeletSimulator(root / "dp", root / "pr" / "kubelet.sock", **kubelet_options)
+        kubelet = KubeletSimulator(
+            root / "dp", root / "pr" / "kubelet.sock", register_reply_delay_s=register_reply_delay_s
+        )
         kubelet.start()
         board = SeatBoard(
             seed_layout(),
@@ -115,7 +122,7 @@ def make_node() -> Iterator[object]:
         shutil.rmtree(node.root, ignore_errors=True)
 
 
-def test_profiles_register_in_parallel_and_each_exactly_once(make_node) -> None:  # type: ignore[no-untyped-def]
+def test_profiles_register_in_parallel_and_each_exactly_once(make_node: MakeNode) -> None:
     node = make_node(register_reply_delay_s=1.5)
     node.start()
     assert node.wait_registered(timeout_s=10)
@@ -127,8 +134,8 @@ def test_profiles_register_in_parallel_and_each_exactly_once(make_node) -> None:
 
 
 def test_a_register_answer_later_than_the_deadline_counts_once_the_kubelet_dialed_back(
-    make_node, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
     # The kubelet connects at once but answers after the plugin gave up waiting.
     node = make_node(register_reply_delay_s=1.5)
     caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.profile")
@@ -148,8 +155,8 @@ def test_a_register_answer_later_than_the_deadline_counts_once_the_kubelet_diale
 
 
 def test_an_already_connected_answer_counts_as_registered_and_is_not_retried(
-    make_node, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
     node = make_node()
     manager = PluginManager(node.board, node.root / "dp", None)
     node.manager = manager
@@ -169,7 +176,7 @@ def test_an_already_connected_answer_counts_as_registered_and_is_not_retried(
     assert "already" in caplog.text
 
 
-def test_a_stream_the_kubelet_dropped_makes_the_profile_register_again(make_node) -> None:  # type: ignore[no-untyped-def]
+def test_a_stream_the_kubelet_dropped_makes_the_profile_register_again(make_node: MakeNode) -> None:
     node = make_node()
     node.start()
     assert node.wait_registered()
@@ -181,7 +188,7 @@ def test_a_stream_the_kubelet_dropped_makes_the_profile_register_again(make_node
     assert node.calls(R2) == 2
 
 
-def test_a_kubelet_restart_is_followed_by_one_register_per_profile(make_node) -> None:  # type: ignore[no-untyped-def]
+def test_a_kubelet_restart_is_followed_by_one_register_per_profile(make_node: MakeNode) -> None:
     node = make_node()
     node.start()
     assert node.wait_registered()
@@ -193,8 +200,8 @@ def test_a_kubelet_restart_is_followed_by_one_register_per_profile(make_node) ->
 
 
 def test_a_wiped_socket_is_served_again_and_its_registration_counts_as_again(
-    make_node, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
     node = make_node()
     caplog.set_level(logging.INFO, logger="pkg.deviceplugin.server.profile")
     node.start()
@@ -207,7 +214,7 @@ def test_a_wiped_socket_is_served_again_and_its_registration_counts_as_again(
     assert len(firsts) == len(RESOURCES) and len(agains) == len(RESOURCES), caplog.text
 
 
-def test_allocate_still_answers_while_two_more_streams_hold_workers(make_node) -> None:  # type: ignore[no-untyped-def]
+def test_allocate_still_answers_while_two_more_streams_hold_workers(make_node: MakeNode) -> None:
     # Each ListAndWatch stream holds one of the server's SERVER_WORKERS threads for its
     # life. Across a kubelet restart an old and a new stream overlap; with a third
     # watcher on top, Allocate (and the liveness probe) must still get a thread.
@@ -217,7 +224,9 @@ def test_allocate_still_answers_while_two_more_streams_hold_workers(make_node) -
     socket = node.root / "dp" / socket_name_of(R1)
     channels = [grpc.insecure_channel(f"unix://{socket}") for _ in range(2)]
     try:
-        streams = [api_pb2_grpc.DevicePluginStub(c).ListAndWatch(api_pb2.Empty()) for c in channels]
+        streams = [
+            iter(api_pb2_grpc.DevicePluginStub(c).ListAndWatch(api_pb2.Empty())) for c in channels
+        ]
         for stream in streams:
             next(stream)  # each holds a worker now
         stub = api_pb2_grpc.DevicePluginStub(channels[0])
@@ -236,8 +245,8 @@ def test_allocate_still_answers_while_two_more_streams_hold_workers(make_node) -
 
 
 @pytest.mark.parametrize("extra", [3, 12])
-def test_any_number_of_streams_never_wedges_the_unary_calls_and_the_kubelet_gets_back(  # type: ignore[no-untyped-def]
-    make_node, extra: int
+def test_any_number_of_streams_never_wedges_the_unary_calls_and_the_kubelet_gets_back(
+    make_node: MakeNode, extra: int
 ) -> None:
     """Issue 18: the kubelet's stream plus three more filled the four workers; options,
     GetPreferredAllocation and the liveness check hit their deadlines until the extra
@@ -252,7 +261,7 @@ def test_any_number_of_streams_never_wedges_the_unary_calls_and_the_kubelet_gets
     try:
         streams = []
         for channel in channels:
-            stream = api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty())
+            stream = iter(api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty()))
             # Answered: the stream holds a worker now (a wedged server never answers).
             reader.submit(next, stream).result(timeout=5)
             streams.append(stream)
@@ -287,8 +296,8 @@ def test_any_number_of_streams_never_wedges_the_unary_calls_and_the_kubelet_gets
         reader.shutdown(wait=False, cancel_futures=True)
 
 
-def test_an_idle_registered_manager_does_not_tick_and_still_sees_a_kubelet_restart_at_once(  # type: ignore[no-untyped-def]
-    make_node,
+def test_an_idle_registered_manager_does_not_tick_and_still_sees_a_kubelet_restart_at_once(
+    make_node: MakeNode,
 ) -> None:
     """Issue 18: the loop ran every 100 ms whatever happened (a quarter of an idle
     plugin's CPU). It now sleeps until the kubelet directory changes, a stream opens
@@ -314,8 +323,8 @@ def test_an_idle_registered_manager_does_not_tick_and_still_sees_a_kubelet_resta
     assert len(ticks) > before and ticks[before] - restarted < 0.05, ticks[before:]
 
 
-def test_a_manager_waiting_for_the_kubelet_sleeps_and_registers_when_it_comes(  # type: ignore[no-untyped-def]
-    make_node,
+def test_a_manager_waiting_for_the_kubelet_sleeps_and_registers_when_it_comes(
+    make_node: MakeNode,
 ) -> None:
     """Before kubelet.sock appeared, the loop had a timer due at once and ticked tens of
     thousands of times a second; it now sleeps until the directory changes."""
@@ -345,7 +354,7 @@ def test_a_manager_waiting_for_the_kubelet_sleeps_and_registers_when_it_comes(  
 # the kubelet's socket appearing.
 
 
-def _wait_returns_within(watch: DirWatch, change: Callable[[], None], limit_s: float) -> bool:
+def _wait_returns_within(watch: DirWatch, change: Callable[[], object], limit_s: float) -> bool:
     """True when ``watch.wait`` (given 5 s) returned within ``limit_s`` of ``change``."""
     woke: list[float] = []
 
