@@ -328,10 +328,23 @@ def test_every_pool_gets_nvml_and_devices_from_the_nvidia_runtime(
 ) -> None:
     for _, daemonset in _daemonsets(rendered):
         assert _pod(daemonset)["runtimeClassName"] == "nvidia"
-        env = {e["name"]: e["value"] for e in _container(daemonset)["env"]}
+        env = {e["name"]: e.get("value") for e in _container(daemonset)["env"]}
         assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
         assert "utility" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
         assert env["NVIDIA_MIG_MONITOR_DEVICES"] == "all"  # NVML sees MIG-enabled GPUs
+
+
+def test_every_pool_tells_the_plugin_its_node_name_through_the_downward_api(
+    rendered: tuple[Path, dict[str, Any]],
+) -> None:
+    """Issue 15 point 1: the config's ``nodes.<name>`` override applies where the plugin
+    knows its node's name, and the downward API tells it without API-server access."""
+    for _, daemonset in _daemonsets(rendered):
+        env = {e["name"]: e for e in _container(daemonset)["env"]}
+        assert env["KYB_NODE_NAME"] == {
+            "name": "KYB_NODE_NAME",
+            "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
+        }
 
 
 def test_every_pool_mounts_exactly_three_host_directories(
@@ -516,7 +529,15 @@ def test_a_pool_with_metrics_gets_a_podmonitor_selecting_its_pods_unless_it_opts
         assert _selects(selector, labels) == (name == "h100")
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     port_names = {p["name"] for p in _container(by_pool["h100"])["ports"]}
-    assert endpoint == {"port": "metrics", "path": "/metrics"}
+    # honorLabels: kyb_seat_holder's namespace, pod and container stay the holder's.
+    assert endpoint == {
+        "port": "metrics",
+        "path": "/metrics",
+        "honorLabels": True,
+        "relabelings": [
+            {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
+        ],
+    }
     assert endpoint["port"] in port_names
 
 
