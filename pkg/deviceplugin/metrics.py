@@ -8,6 +8,9 @@ the health monitor's ``gpu_health()``), so they can never drift from the truth.
 Series:
 
 - ``kyb_seats{resource,group,state}``: seats per state, all five states (zeros too)
+- ``kyb_seat_holder{namespace,pod,container,resource,seat,group,generation,gpu,UUID}``:
+  1 per GPU of each live binding whose holder PodResources has shown (``UUID`` as DCGM
+  exporter spells it, to join its GPU metrics on)
 - ``kyb_gpu_healthy{gpu,uuid}``: 1 healthy, 0 unhealthy
 - ``kyb_allocate_seconds{resource}``, ``kyb_preferred_allocation_seconds{resource}``:
   latency histograms
@@ -248,32 +251,28 @@ class _StateCollector:
 
     def describe(self) -> Iterable[Metric]:
         # Describing without reading the providers keeps registration cheap and safe.
-        return [_seats_family(), _gpu_family()]
+        return [_seats_family(), _holders_family(), _gpu_family()]
 
     def collect(self) -> Iterable[Metric]:
         status, gpu_health = self._status, self._gpu_health
         if status is not None:
-            seats = self._read("seat states", lambda: _seat_counts(status()))
-            if seats is not None:
-                yield seats
+            yield from self._read("seat states", lambda: _seat_families(status()))
         if gpu_health is not None:
-            gpus = self._read("GPU health", lambda: _gpu_health(gpu_health()))
-            if gpus is not None:
-                yield gpus
+            yield from self._read("GPU health", lambda: [_gpu_health(gpu_health())])
 
-    def _read(self, what: str, build: Callable[[], Metric]) -> Metric | None:
+    def _read(self, what: str, build: Callable[[], list[Metric]]) -> list[Metric]:
         # A broken provider must not fail the whole scrape; say so once, not per scrape.
         try:
-            metric = build()
+            metrics = build()
         except Exception as exc:
             if what not in self._failing:
                 log.warning("metrics: cannot read %s (%s)", what, exc, exc_info=True)
                 self._failing.add(what)
-            return None
+            return []
         if what in self._failing:
             log.info("metrics: reading %s works again", what)
             self._failing.discard(what)
-        return metric
+        return metrics
 
 
 def _seats_family() -> GaugeMetricFamily:
@@ -281,6 +280,29 @@ def _seats_family() -> GaugeMetricFamily:
 
     return GaugeMetricFamily(
         "kyb_seats", "Seats per resource, group and state.", labels=["resource", "group", "state"]
+    )
+
+
+HOLDER_LABELS = (
+    "namespace",
+    "pod",
+    "container",
+    "resource",
+    "seat",
+    "group",
+    "generation",
+    "gpu",
+    "UUID",
+)
+
+
+def _holders_family() -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
+    return GaugeMetricFamily(
+        "kyb_seat_holder",
+        "1 per GPU of each seat bound to a known container (join DCGM metrics on UUID).",
+        labels=HOLDER_LABELS,
     )
 
 
@@ -292,18 +314,30 @@ def _gpu_family() -> GaugeMetricFamily:
     )
 
 
-def _seat_counts(doc: Mapping[str, Any]) -> Metric:
-    family = _seats_family()
+def _seat_families(doc: Mapping[str, Any]) -> list[Metric]:
+    """Seats per state, and each known holder once per GPU of its seat."""
+    seats, holders = _seats_family(), _holders_family()
     for resource, body in sorted((doc.get("resources") or {}).items()):
         for group, entry in sorted((body.get("groups") or {}).items()):
+            gpus = [str(i) for i in entry.get("gpus") or ()]
+            uuids = entry.get("uuids") or ()
+            # A group only a binding keeps lists no UUID for a GPU the topology lost.
+            if len(uuids) != len(gpus):
+                uuids = [""] * len(gpus)
             counts = dict.fromkeys(SEAT_STATES, 0)
-            for seat in (entry.get("seats") or {}).values():
+            for seat_id, seat in sorted((entry.get("seats") or {}).items()):
                 state = seat.get("state")
                 if state in counts:
                     counts[state] += 1
+                holder = seat.get("holder")
+                if holder:
+                    who = [holder["namespace"], holder["pod"], holder["container"]]
+                    where = [resource, seat_id, group, str(seat.get("generation"))]
+                    for gpu, uuid in zip(gpus, uuids, strict=True):
+                        holders.add_metric([*who, *where, gpu, uuid], 1)
             for state in SEAT_STATES:
-                family.add_metric([resource, group, state], counts[state])
-    return family
+                seats.add_metric([resource, group, state], counts[state])
+    return [seats, holders]
 
 
 def _gpu_health(gpus: Iterable[GpuHealthView]) -> Metric:

@@ -36,8 +36,7 @@ def status_view(state: Mapping[str, Any]) -> StatusDoc:
         groups: dict[str, GroupDoc] = {}
         for name, group in (body.get("groups") or {}).items():
             seats = {
-                seat_id: {k: v for k, v in seat.items() if k in ("state", "generation", "why")}
-                for seat_id, seat in (group.get("seats") or {}).items()
+                seat_id: _seat_view(seat) for seat_id, seat in (group.get("seats") or {}).items()
             }
             shown = {**{k: v for k, v in group.items() if k != "seats"}, "seats": seats}
             groups[name] = cast("GroupDoc", shown)
@@ -46,6 +45,15 @@ def status_view(state: Mapping[str, Any]) -> StatusDoc:
     if state.get("setAsideGpus"):
         view["setAsideGpus"] = state["setAsideGpus"]
     return view
+
+
+def _seat_view(seat: Mapping[str, Any]) -> dict[str, Any]:
+    """A state file's seat as the status shows it: its binding's holder as ``holder``."""
+    shown = {k: v for k, v in seat.items() if k in ("state", "generation", "why")}
+    holder = (seat.get("binding") or {}).get("holder")
+    if holder:
+        shown["holder"] = holder
+    return shown
 
 
 def print_plan(doc: StatusDoc, topology: Topology, out: TextIO) -> None:
@@ -100,4 +108,8 @@ def print_seat_map(doc: StatusDoc, out: TextIO, *, with_links: bool = False) -> 
 
 def _seat_cells(seats: Mapping[str, SeatDoc]) -> Iterable[str]:
     for seat_id, seat in seats.items():
-        yield f"{seat_id}={seat.get('state')}/g{seat.get('generation')}"
+        cell = f"{seat_id}={seat.get('state')}/g{seat.get('generation')}"
+        holder = seat.get("holder")
+        if holder:
+            cell += f"({holder.get('namespace')}/{holder.get('pod')}/{holder.get('container')})"
+        yield cell

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2
 from pkg.deviceplugin.kubeletsim.simulator import ContainerSpec
@@ -246,3 +247,46 @@ def test_metrics_endpoint_reflects_seats_allocations_registrations_and_reloads(
     assert 'kyb_allocate_seconds_count{resource="kyb.ai/gpu-2x-seat"} 1.0' in text
     assert 'kyb_config_reloads_total{result="rejected"} 1.0' in text
     assert "kyb_gpu_healthy{" in text
+
+
+def _holders(port: int) -> tuple[set[tuple[tuple[str, str], ...]], dict[str, str]]:
+    """The ``kyb_seat_holder`` series (sorted label pairs) and the GPUs' UUIDs by index
+    as ``kyb_gpu_healthy`` names them, from one scrape."""
+    holders: set[tuple[tuple[str, str], ...]] = set()
+    uuids: dict[str, str] = {}
+    for family in text_string_to_metric_families(_scrape(port)):
+        for sample in family.samples:
+            if sample.name == "kyb_seat_holder":
+                assert sample.value == 1
+                holders.add(tuple(sorted(sample.labels.items())))
+            elif sample.name == "kyb_gpu_healthy":
+                uuids[sample.labels["gpu"]] = sample.labels["uuid"]
+    return holders, uuids
+
+
+def test_seat_holders_appear_on_admission_and_disappear_on_release(
+    metered: tuple[support.Node, int],
+) -> None:
+    """Issue 15 point 4: once PodResources shows the pod, each GPU of its seat is one
+    ``kyb_seat_holder`` series carrying the GPU's UUID (DCGM's join label); deleting the
+    pod removes them."""
+    node, port = metered
+    node.config_text = BASE
+    node.start_plugin()
+    assert node.wait_registered((R1, R2)), node.log()
+    pod = node.kubelet.admit("train", [ContainerSpec("main", {R2: 1})], namespace="ml")
+    (seat,) = pod.allocations["main"][0].device_ids
+    group = seat.rsplit("-s", 1)[0]
+    generation = pod.allocations["main"][0].response.envs["KYB_SEAT_GEN"]
+    assert support.wait_until(lambda: _holders(port)[0], 5.0), node.log()
+    holders, uuids = _holders(port)
+    who = {"namespace": "ml", "pod": "train", "container": "main", "resource": R2}
+    where = {"seat": seat, "group": group, "generation": generation}
+    gpus = sorted(dict(series)["gpu"] for series in holders)
+    assert len(gpus) == 2
+    assert holders == {
+        tuple(sorted({**who, **where, "gpu": gpu, "UUID": uuids[gpu]}.items())) for gpu in gpus
+    }
+
+    node.kubelet.delete("train", namespace="ml")
+    assert support.wait_until(lambda: not _holders(port)[0], 10.0), node.log()

@@ -34,6 +34,8 @@ class SeatDoc(TypedDict):
     state: Literal["free", "held", "fenced", "drained", "unhealthy"]
     generation: int
     why: NotRequired[str]
+    holder: NotRequired[HolderDoc]
+    """The status only: who holds the seat, once PodResources has shown it."""
     binding: NotRequired[BindingDoc | None]
     """The state file only."""
 

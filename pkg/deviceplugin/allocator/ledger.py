@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from pkg.deviceplugin.allocator.document import LedgerEntry
+from pkg.deviceplugin.allocator.document import HolderDoc, LedgerEntry
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
 SeatKey = tuple[ResourceName, DeviceId]
@@ -57,6 +57,9 @@ class Holder:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.pod}/{self.container}"
+
+    def document(self) -> HolderDoc:
+        return {"namespace": self.namespace, "pod": self.pod, "container": self.container}
 
 
 HANDOFF_S = 2.0
@@ -284,13 +287,7 @@ class Ledger:
                 "allocatedAt": b.allocated_wall,
                 "group": b.group,
                 "gpus": list(b.gpus),
-                "holder": None
-                if b.holder is None
-                else {
-                    "namespace": b.holder.namespace,
-                    "pod": b.holder.pod,
-                    "container": b.holder.container,
-                },
+                "holder": None if b.holder is None else b.holder.document(),
             }
         return entry
 

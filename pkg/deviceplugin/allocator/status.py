@@ -119,6 +119,10 @@ def group_document(
             entry = facts.ledger.to_entry((resource, view.device_id))
             if "binding" in entry:
                 seat["binding"] = entry["binding"]
+        else:
+            binding = facts.ledger.binding((resource, view.device_id))
+            if binding is not None and binding.holder is not None:
+                seat["holder"] = binding.holder.document()
         seats[view.device_id] = seat
     return doc
 

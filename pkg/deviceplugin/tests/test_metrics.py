@@ -32,7 +32,11 @@ STATUS: dict[str, Any] = {
                     "uuids": ["GPU-a", "GPU-b"],
                     "health": "Healthy",
                     "seats": {
-                        "G01-s0": {"state": "held", "generation": 3},
+                        "G01-s0": {
+                            "state": "held",
+                            "generation": 3,
+                            "holder": {"namespace": "ml", "pod": "train-0", "container": "main"},
+                        },
                         "G01-s1": {"state": "free", "generation": 0},
                         "G01-s2": {"state": "held", "generation": 1},
                     },
@@ -112,6 +116,28 @@ def test_seat_gauge_counts_every_state_per_group_with_zeros(
     samples = scrape(server)
     assert value(samples, "kyb_seats", resource=R1, group="G0", state="drained") == 1
     assert value(samples, "kyb_seats", resource=R2, group="G01", state="held") is None
+
+
+def test_each_known_holder_is_one_series_per_gpu_of_its_seat_joinable_on_uuid(
+    server: MetricsServer, status: dict[str, Any]
+) -> None:
+    """Issue 15 point 4: ``DCGM_FI_DEV_GPU_UTIL * on(UUID) group_left(pod, namespace)
+    kyb_seat_holder``. A held seat with no holder yet (G01-s2) has no series."""
+    holders = {
+        labels: v for (name, labels), v in scrape(server).items() if name == "kyb_seat_holder"
+    }
+    seat = {"namespace": "ml", "pod": "train-0", "container": "main", "resource": R2}
+    seat |= {"seat": "G01-s0", "group": "G01", "generation": "3"}
+    assert holders == {
+        frozenset({**seat, "gpu": "0", "UUID": "GPU-a"}.items()): 1,
+        frozenset({**seat, "gpu": "1", "UUID": "GPU-b"}.items()): 1,
+    }
+
+    # Released: the seat's series are gone on the next scrape.
+    released = {**STATUS["resources"][R2]["groups"]["G01"]}
+    released["seats"] = {**released["seats"], "G01-s0": {"state": "free", "generation": 3}}
+    status["doc"] = {"resources": {R2: {"groups": {"G01": released}}}}
+    assert not any(name == "kyb_seat_holder" for name, _ in scrape(server))
 
 
 def test_gpu_health_gauge_is_one_for_healthy_and_zero_for_unhealthy(

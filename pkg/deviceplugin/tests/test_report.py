@@ -286,3 +286,35 @@ def test_an_empty_seat_map_says_so() -> None:
     out = io.StringIO()
     report.print_seat_map({"resources": {}}, out)
     assert out.getvalue() == "no profiles\n"
+
+
+def test_the_seat_map_names_each_known_holder() -> None:
+    out = io.StringIO()
+    report.print_seat_map(
+        {
+            "resources": {
+                R1: {
+                    "groups": {
+                        "G0": {
+                            "gpus": [0],
+                            "uuids": ["GPU-0"],
+                            "health": "Healthy",
+                            "numaNodes": [0],
+                            "fenced": False,
+                            "drained": False,
+                            "seats": {
+                                "G0-s0": {
+                                    "state": "held",
+                                    "generation": 3,
+                                    "holder": {"namespace": "ml", "pod": "p", "container": "c"},
+                                },
+                                "G0-s1": {"state": "held", "generation": 1},
+                            },
+                        }
+                    }
+                }
+            }
+        },
+        out,
+    )
+    assert "    G0-s0=held/g3(ml/p/c)  G0-s1=held/g1\n" in out.getvalue()

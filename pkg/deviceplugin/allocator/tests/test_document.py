@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints, is_typeddict
 
+from pkg.deviceplugin import report
 from pkg.deviceplugin.allocator import document, layout
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.ledger import Holder
@@ -103,3 +104,19 @@ def test_the_checker_finds_a_key_the_type_does_not_declare() -> None:
     found = problems(doc, document.StatusDoc)
     assert f"/resources/{R1}/groups/G0/colour: not declared in GroupDoc" in found
     assert f"/resources/{R1}/groups/G0/health: missing" in found
+
+
+def test_the_status_names_a_seats_holder_once_seen_and_the_state_file_keeps_it_in_binding(
+    make_board: MakeBoard, tmp_path: Path
+) -> None:
+    """Issue 15 point 4: ``status`` (and the ``kyb_seat_holder`` metric built from it)
+    says who holds a seat; the state file keeps saying it in the seat's ``binding``."""
+    board = busy_board(make_board)
+    seats = board.status()["resources"][R1]["groups"]["G0"]["seats"]
+    assert seats["G0-s0"]["holder"] == {"namespace": "ns", "pod": "pod", "container": "main"}
+    never_seen = board.status()["resources"][R1]["groups"]["G1"]["seats"]["G1-s3"]
+    assert never_seen["state"] == "held" and "holder" not in never_seen
+    board.flush()
+    saved = json.loads((tmp_path / "state" / STATE_FILE).read_text())
+    assert "holder" not in saved["resources"][R1]["groups"]["G0"]["seats"]["G0-s0"]
+    assert report.status_view(saved) == json.loads(json.dumps(board.status()))
