@@ -8,7 +8,8 @@ ConfigMap and one DaemonSet per pool, and a ValidatingAdmissionPolicy with its b
 that refuses a container asking for seats of more than one of the pools' profiles. The
 same templates render the Helm chart's (``codegen/chart.py``; see ``gotemplate``). The
 whole of ``manifests/`` is generated (the objects in ``device-plugin/``, beside them the
-config's JSON Schema): ``write`` replaces it and ``check`` reports anything that differs.
+config's JSON Schema and the Grafana dashboard, ``codegen/dashboard.py``): ``write``
+replaces it and ``check`` reports anything that differs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from codegen import gotemplate, schema, stubs, tree
+from codegen import dashboard, gotemplate, schema, stubs, tree
 from pkg.deviceplugin.config import loader
 from pkg.deviceplugin.config.model import Config, loc_text
 
@@ -89,6 +90,7 @@ CONSTANTS = {
     "config_file": str(CONFIG_DIR / CONFIG_FILE),
     "metrics_port_name": METRICS_PORT_NAME,
     "metrics_path": METRICS_PATH,
+    "node_label": dashboard.NODE_LABEL,
 }
 
 
@@ -248,6 +250,7 @@ def generate(repo_root: Path) -> dict[str, bytes]:
         if documents:
             rendered[f"{OUTPUT_ROOT}/{file}"] = text.encode()
     rendered[str(CONFIG_SCHEMA)] = json_text(schema.config_schema())
+    rendered[str(dashboard.PATH)] = json_text(dashboard.dashboard())
     return rendered
 
 
