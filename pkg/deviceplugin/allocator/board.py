@@ -30,7 +30,7 @@ from pkg.deviceplugin.allocator.ledger import (
     SeatKey,
 )
 from pkg.deviceplugin.allocator.policy import Policy
-from pkg.deviceplugin.allocator.requests import AllocationError, validate
+from pkg.deviceplugin.allocator.requests import AllocationError, Requests, validate
 from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.views import DeviceView, SeatView
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName, SetAsideGpu, Topology
@@ -139,9 +139,7 @@ class SeatBoard:
 
     # ---- allocation --------------------------------------------------------------
 
-    def needs_observation(
-        self, resource: ResourceName, requests: Sequence[Sequence[DeviceId]]
-    ) -> bool:
+    def needs_observation(self, resource: ResourceName, requests: Requests) -> bool:
         """Whether an Allocate should first look at PodResources.
 
         Only a fenced seat does: its blocker may be gone. Which binding a request makes
@@ -166,7 +164,7 @@ class SeatBoard:
     def allocate(
         self,
         resource: ResourceName,
-        requests: Sequence[Sequence[DeviceId]],
+        requests: Requests,
         observed: Mapping[SeatKey, Holder] | None = None,
     ) -> list[list[response.BoundSeat]]:
         """Bind the seats of every container request, all or nothing; each one's seats

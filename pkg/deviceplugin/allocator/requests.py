@@ -15,6 +15,9 @@ from pkg.deviceplugin.allocator.store import printable
 from pkg.deviceplugin.allocator.views import GOOD_STATES, SeatView
 from pkg.deviceplugin.types import DeviceId, ResourceName
 
+Requests = Sequence[Sequence[DeviceId]]
+"""An Allocate's device IDs, per container request."""
+
 QUOTED_ITEMS = 5
 QUOTED_ID_CHARS = 64
 QUOTED_REASON_CHARS = 300
@@ -42,7 +45,7 @@ def validate(
     layout: Layout,
     views: Mapping[DeviceId, SeatView],
     resource: ResourceName,
-    requests: Sequence[Sequence[DeviceId]],
+    requests: Requests,
 ) -> list[list[Seat]]:
     """The seats each container request names, where every one is known, named once in
     the whole Allocate, and free or held (``views``: the resource's seats as shown);
