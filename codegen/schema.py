@@ -30,6 +30,8 @@ _NUMBER = r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?"
 DURATION_PATTERN = rf"^\s*({_NUMBER}|({_NUMBER}(ms|h|m|s))+)\s*$"
 _PORT = r"0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 HOST_PORT_PATTERN = rf"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*):{_PORT}$"
+# A GPU UUID in drainGpus: no blank, not all digits (an index is written as a number).
+GPU_UUID_PATTERN = r"^\S*[^0-9\s]\S*$"
 # A host path mounted into the pod: absolute, no empty part, no trailing slash.
 HOST_PATH_PATTERN = r"^(/[^/]+)+$"
 HOST_PATH_KEYS = ("kubeletDir", "podResourcesSocket", "stateDir")
@@ -60,6 +62,19 @@ def config_schema() -> dict[str, Any]:
     }
     definitions["GroupSpec"]["properties"]["name"] = group_name
     properties["drain"]["items"] = group_name
+    gpu_ref = {
+        "anyOf": [
+            {"type": "integer", "minimum": 0},
+            {"type": "string", "pattern": GPU_UUID_PATTERN},
+        ]
+    }
+    properties["drainGpus"]["items"] = gpu_ref
+    override = definitions["NodeOverride"]["properties"]
+    override["drain"]["anyOf"][0]["items"] = group_name
+    override["drainGpus"]["anyOf"][0]["items"] = gpu_ref
+    override["seatsPerGroup"]["anyOf"][0]["propertyNames"] = {
+        "pattern": portable(RESOURCE_PATTERN.pattern)
+    }
     for name, field in model.Config.model_fields.items():
         key = field.alias or name
         if any(

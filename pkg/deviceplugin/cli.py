@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
             "the loader path or the test suite's mock library (env KYB_NVML_LIBRARY)",
         )
         sub.add_argument(
+            "--node-name",
+            metavar="NAME",
+            help="the node this runs on: the config's nodes.<NAME> override applies "
+            "(env KYB_NODE_NAME, which the DaemonSet sets from spec.nodeName)",
+        )
+        sub.add_argument(
             "--output",
             choices=("text", "json"),
             default="text",
@@ -141,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _config_source(args: argparse.Namespace) -> ConfigSource:
     path = args.config or os.environ.get("KYB_CONFIG")
     overrides = config_flags.overrides_from(args, os.environ)
-    return ConfigSource(Path(path) if path else None, overrides)
+    node = args.node_name or os.environ.get("KYB_NODE_NAME") or None
+    return ConfigSource(Path(path) if path else None, overrides, node)
 
 
 def open_backend(mock: str | None, library: str | None = None) -> Backend:

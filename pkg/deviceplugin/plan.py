@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import cast
 
 from pkg.deviceplugin.allocator import layout as layout_mod
+from pkg.deviceplugin.allocator.document import OverrideDoc
 from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.types import (
@@ -64,17 +66,45 @@ def profile_specs(config: Config) -> list[layout_mod.ProfileSpec]:
 
 
 def group_specs(config: Config) -> list[layout_mod.GroupSpec]:
-    return [layout_mod.GroupSpec(GroupName(g.name), tuple(g.gpus)) for g in config.groups]
+    return [
+        layout_mod.GroupSpec(GroupName(g.name), tuple(g.gpus), g.seats_per_group)
+        for g in config.groups
+    ]
 
 
-def policy_of(config: Config) -> Policy:
+def policy_of(config: Config, node: str | None = None) -> Policy:
+    """The policy ``config`` sets; ``node``: the node it runs on (its override, already
+    applied to ``config`` by :meth:`Config.for_node`, is named in the status)."""
+    override = config.nodes.get(node) if node is not None else None
     return Policy(
         allow_overprovision=config.allow_overprovision,
         placement=config.preferred_allocation_policy,
         drain=frozenset(GroupName(name) for name in config.drain),
+        drain_gpus=frozenset(config.drain_gpus),
         device_list_strategy=config.device_list_strategy,
         cuda_visible_devices=config.cuda_visible_devices,
+        node=node,
+        override=None if override is None else cast("OverrideDoc", override.to_data()),
     )
+
+
+def absent_drain_gpus(config: Config, topology: Topology) -> list[str]:
+    """A line for each ``drainGpus`` entry naming no GPU of ``topology``. Not an error:
+    a pool-wide list names GPUs of other nodes, and the GPU one drains is often the one
+    that has fallen off the bus."""
+    uuids = {gpu.uuid for gpu in topology.gpus}
+    return [
+        f"drainGpus[{position}]: no GPU {ref!r} on this node ({_describe(topology)}); "
+        "nothing to drain for it here"
+        for position, ref in enumerate(config.drain_gpus)
+        if ref not in (uuids if isinstance(ref, str) else topology.indices)
+    ]
+
+
+def _describe(topology: Topology) -> str:
+    if not topology.gpus:
+        return "no GPUs"
+    return f"GPU indices {', '.join(str(i) for i in topology.indices)}"
 
 
 def build_layout(

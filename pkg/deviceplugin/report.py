@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from itertools import combinations
 from typing import Any, TextIO, cast
@@ -44,6 +45,9 @@ def status_view(state: Mapping[str, Any]) -> StatusDoc:
     view: StatusDoc = {"resources": resources}
     if state.get("setAsideGpus"):
         view["setAsideGpus"] = state["setAsideGpus"]
+    for key in ("node", "override"):  # which node, and the config's override for it
+        if key in state:
+            view[key] = state[key]
     return view
 
 
@@ -81,6 +85,10 @@ def topology_matrix(topology: Topology) -> str:
 
 
 def print_seat_map(doc: StatusDoc, out: TextIO, *, with_links: bool = False) -> None:
+    if "node" in doc:
+        override = doc.get("override")
+        said = json.dumps(override, separators=(",", ":")) if override else "none"
+        out.write(f"node {doc['node']}: override {said}\n")
     resources = doc.get("resources") or {}
     if not resources:
         out.write("no profiles\n")
@@ -95,7 +103,8 @@ def print_seat_map(doc: StatusDoc, out: TextIO, *, with_links: bool = False) -> 
             if group.get("fenced"):
                 flags.append("fenced")
             if group.get("drained"):
-                flags.append("draining")
+                why = group.get("drainedWhy")
+                flags.append(f"draining ({why})" if why else "draining")
             gpus = ",".join(str(i) for i in group.get("gpus") or [])
             line = f"  {name:<10} GPUs [{gpus}]  {' '.join(flags)}"
             if with_links and group.get("links"):

@@ -9,7 +9,8 @@ Live changes:
   target's) changes, through whatever symlinks a ConfigMap mount swaps, and SIGHUP asks
   for a reload at once; a valid new config is
   applied (profiles served or stopped, seat counts, drain, overprovisioning, log
-  format), an invalid one is logged and the old one keeps running;
+  format, and this node's override under ``nodes``), an invalid one is logged and
+  the old one keeps running;
 - the topology is rediscovered every ``refreshInterval``. GPUs are never dropped from
   the layout while the process lives: a GPU that disappears keeps its groups, which go
   Unhealthy through the health monitor and come back with it. A GPU that appears joins
@@ -20,6 +21,7 @@ Live changes:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -36,7 +38,7 @@ from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.config.source import ConfigSource
 from pkg.deviceplugin.health.monitor import HealthMonitor
 from pkg.deviceplugin.nvml.backend import Backend
-from pkg.deviceplugin.plan import explicit_gpus, plan_of, policy_of
+from pkg.deviceplugin.plan import absent_drain_gpus, explicit_gpus, plan_of, policy_of
 from pkg.deviceplugin.server import dirwatch
 from pkg.deviceplugin.server.dirwatch import DirWatch
 from pkg.deviceplugin.server.manager import PluginManager
@@ -71,6 +73,7 @@ class Runtime:
         self.config = config
         self.backend = backend
         self.source = source
+        self.node = source.node if source is not None else None
         discovered = topology if topology is not None else backend.discover()
         # A GPU that is off the bus right now but named by the config's groups, or
         # (below) under held seats, comes back from the topology cache: Unhealthy
@@ -78,7 +81,7 @@ class Runtime:
         self.topology = self._with_lost_gpus(discovered, explicit_gpus(config))
         self.board = SeatBoard(
             plan_of(config, self.topology),
-            policy_of(config),
+            policy_of(config, self.node),
             StateStore(config.state_dir, used_before=topocache.CACHE_FILE),
             release_grace_s=config.release_grace_period,
             handoff_s=config.handoff_window,
@@ -97,6 +100,8 @@ class Runtime:
             **self._health_policy(config),
         )
         _warn_dropped_xids(config)
+        self._log_node(None)
+        _warn_absent_drain_gpus(config, self.topology)
         self.metrics: metrics.Recorder = (
             metrics.Metrics(status=self.board.status, gpu_health=self.health.gpu_health)
             if config.metrics_address
@@ -153,7 +158,7 @@ class Runtime:
             try:
                 new, waiting = self._keep_restart_only(self.source.load())
                 topology = self._with_lost_gpus(self.topology, explicit_gpus(new))
-                self.board.apply(plan=plan_of(new, topology), policy=policy_of(new))
+                self.board.apply(plan=plan_of(new, topology), policy=policy_of(new, self.node))
             except loader.ConfigError as exc:
                 self._reject(exc.problems)
                 return False
@@ -171,7 +176,10 @@ class Runtime:
             self.health.reconfigure(**self._health_policy(new))
             if new.dropped_default_xids != self.config.dropped_default_xids:
                 _warn_dropped_xids(new)
-            self.config = new
+            if new.drain_gpus != self.config.drain_gpus:
+                _warn_absent_drain_gpus(new, topology)
+            previous, self.config = self.config, new
+            self._log_node(previous)
             self.manager.sync()
             log.info(
                 "config reloaded: serving %s",
@@ -179,6 +187,23 @@ class Runtime:
             )
             self.metrics.config_reload(True)
             return True
+
+    def _log_node(self, previous: Config | None) -> None:
+        """Say which node override is in force: at start, and when a reload changes it."""
+        if self.node is None:
+            return
+        override = self.config.nodes.get(self.node)
+        if previous is not None and override == previous.nodes.get(self.node):
+            return
+        if override is None:
+            log.info("node %s: no override for it in the config (nodes)", self.node)
+        else:
+            log.info(
+                "node %s: override nodes.%s in force: %s",
+                self.node,
+                self.node,
+                json.dumps(override.to_data(), separators=(",", ":")),
+            )
 
     def _reject(self, problems: list[str]) -> None:
         for problem in problems:
@@ -323,3 +348,8 @@ def _warn_dropped_xids(config: Config) -> None:
             "a GPU unhealthy; to add XIDs to the defaults, set extraIgnoredXids instead",
             ", ".join(map(str, dropped)),
         )
+
+
+def _warn_absent_drain_gpus(config: Config, topology: Topology) -> None:
+    for line in absent_drain_gpus(config, topology):
+        log.warning("%s", line)

@@ -47,6 +47,8 @@ class GroupDoc(TypedDict):
     numaNodes: list[int]
     fenced: bool
     drained: bool
+    drainedWhy: NotRequired[str]
+    """Where drained: the config's reason (the group's name in drain, a GPU in drainGpus)."""
     seats: dict[str, SeatDoc]
     links: NotRequired[dict[str, str]]
     """``plan`` only: the link between each pair of the group's GPUs."""
@@ -62,7 +64,29 @@ class SetAsideDoc(TypedDict):
     why: str
 
 
-class StatusDoc(TypedDict):
+class GroupSpecDoc(TypedDict):
+    name: str
+    gpus: list[int]
+    seatsPerGroup: NotRequired[int]
+
+
+class OverrideDoc(TypedDict, total=False):
+    """A node's entry under the config's ``nodes``: the keys it sets, as written."""
+
+    drain: list[str]
+    drainGpus: list[int | str]
+    seatsPerGroup: dict[str, int]
+    groups: list[GroupSpecDoc]
+
+
+class NodeDoc(TypedDict):
+    node: NotRequired[str]
+    """The node the plugin runs on (``--node-name``, ``KYB_NODE_NAME``), where known."""
+    override: NotRequired[OverrideDoc]
+    """The config's override for that node (``nodes.<node>``), where it has one."""
+
+
+class StatusDoc(NodeDoc):
     resources: dict[str, ResourceDoc]
     setAsideGpus: NotRequired[list[SetAsideDoc]]
 

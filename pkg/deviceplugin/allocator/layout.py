@@ -51,10 +51,12 @@ class ProfileSpec:
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """An explicitly configured group, by GPU index."""
+    """An explicitly configured group, by GPU index; ``seats_per_group``: its own seat
+    count in place of its profile's (None: the profile's)."""
 
     name: GroupName
     gpus: tuple[int, ...]
+    seats_per_group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,16 +88,24 @@ class Seat:
 
 @dataclass(frozen=True)
 class ProfileLayout:
+    """A profile's groups; ``group_seats``: the groups whose seat count is their own,
+    not the profile's ``seats_per_group``."""
+
     spec: ProfileSpec
     groups: tuple[Group, ...]
+    group_seats: Mapping[GroupName, int] = field(default_factory=dict)
 
     @property
     def resource(self) -> ResourceName:
         return self.spec.resource
 
+    def seats_of(self, group: GroupName) -> int:
+        """How many seats ``group`` carries."""
+        return self.group_seats.get(group, self.spec.seats_per_group)
+
     def seats(self) -> Iterable[Seat]:
         for group in self.groups:
-            for k in range(self.spec.seats_per_group):
+            for k in range(self.seats_of(group.name)):
                 yield Seat(self.spec.resource, seat_id(group.name, k), group, k)
 
 
@@ -231,8 +241,16 @@ def build(
             )
             continue
         groups = tuple(_group(topology, name, members) for name, members in chosen)
+        # A group's own seat count applies to the group the config defines, not to a
+        # held-over one of the same name on other GPUs.
+        own = {
+            spec.name: spec.seats_per_group
+            for spec in explicit or ()
+            if spec.seats_per_group is not None and (spec.name, spec.gpus) in chosen
+        }
+        profile_layout = ProfileLayout(profile, groups, own)
         for group in groups:
-            longest = seat_id(group.name, profile.seats_per_group - 1)
+            longest = seat_id(group.name, profile_layout.seats_of(group.name) - 1)
             if len(longest) > MAX_DEVICE_ID_LENGTH:
                 problems.append(
                     (
@@ -241,7 +259,7 @@ def build(
                         f"is longer than {MAX_DEVICE_ID_LENGTH} characters",
                     )
                 )
-        layouts.append(ProfileLayout(profile, groups))
+        layouts.append(profile_layout)
     if problems:
         raise LayoutError(problems)
     return Layout.of(layouts, topology, held_over)

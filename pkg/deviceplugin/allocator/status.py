@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from pkg.deviceplugin.allocator.document import (
     GroupDoc,
     LedgerEntry,
+    NodeDoc,
     SeatDoc,
     SetAsideDoc,
     StatusDoc,
 )
 from pkg.deviceplugin.allocator.layout import Group
+from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.allocator.store import encode, encode_object
 from pkg.deviceplugin.allocator.views import Facts, GroupKey, SeatView, Snapshot
 from pkg.deviceplugin.types import GroupName, ResourceName, SetAsideGpu
@@ -39,7 +41,7 @@ def status(snapshot: Snapshot, facts: Facts, set_aside: Sequence[SetAsideGpu]) -
     }
     if set_aside:
         doc["setAsideGpus"] = set_aside_document(set_aside)
-    return doc
+    return {**doc, **node_document(facts.policy)}
 
 
 class StateEncoder:
@@ -97,6 +99,7 @@ class StateEncoder:
             fields["awaitingList"] = encode(True)
         if set_aside:
             fields["setAsideGpus"] = encode(set_aside_document(set_aside))
+        fields.update((key, encode(value)) for key, value in node_document(facts.policy).items())
         return fields
 
 
@@ -146,15 +149,29 @@ def _group_entry(
             "seats": {},
         }
     unhealthy = [u for u in group.uuids if u in facts.unhealthy]
-    return {
+    drained = facts.drained_why(group)
+    doc: GroupDoc = {
         "gpus": list(group.indices),
         "uuids": list(group.uuids),
         "health": "Unhealthy" if unhealthy else "Healthy",
         "numaNodes": list(group.numa_nodes),
         "fenced": bool(facts.fenced_by(resource, group)),
-        "drained": name in facts.policy.drain,
+        "drained": bool(drained),
         "seats": {},
     }
+    if drained:
+        doc["drainedWhy"] = drained
+    return doc
+
+
+def node_document(policy: Policy) -> NodeDoc:
+    """The node's part of the status: its name and the config's override for it."""
+    doc: NodeDoc = {}
+    if policy.node is not None:
+        doc["node"] = policy.node
+    if policy.override is not None:
+        doc["override"] = policy.override
+    return doc
 
 
 def set_aside_document(gpus: Sequence[SetAsideGpu]) -> list[SetAsideDoc]:

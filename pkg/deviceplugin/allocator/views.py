@@ -65,9 +65,11 @@ class Place:
 def places(layout: Layout) -> dict[GroupKey, Place]:
     found: dict[GroupKey, Place] = {}
     for resource, profile in layout.profiles.items():
-        per_group = profile.spec.seats_per_group
-        for position, group in enumerate(profile.groups):
-            found[(resource, group.name)] = Place(group, position * per_group, per_group)
+        offset = 0
+        for group in profile.groups:
+            seats = profile.seats_of(group.name)
+            found[(resource, group.name)] = Place(group, offset, seats)
+            offset += seats
     return found
 
 
@@ -97,6 +99,18 @@ class Facts:
                 )
         return sorted(holders)
 
+    def drained_why(self, group: Group) -> str:
+        """Why the group takes no new seats: its name in ``drain``, a GPU of it in
+        ``drainGpus`` (by index or UUID); empty where it is not drained."""
+        drain_gpus = self.policy.drain_gpus
+        reasons = [f"group {group.name} is draining"] if group.name in self.policy.drain else []
+        reasons += [
+            f"GPU {g.index} ({g.uuid}) is draining"
+            for g in group.gpus
+            if g.index in drain_gpus or g.uuid in drain_gpus
+        ]
+        return "; ".join(reasons)
+
     def group_views(
         self, resource: ResourceName, group: Group, seats: int
     ) -> tuple[tuple[SeatView, ...], int]:
@@ -107,7 +121,7 @@ class Facts:
             if g.uuid in self.unhealthy
         )
         fenced = "; ".join(self.fenced_by(resource, group))
-        drained = group.name in self.policy.drain
+        drained = self.drained_why(group)
         views: list[SeatView] = []
         held_count = 0
         for k in range(seats):
@@ -124,7 +138,7 @@ class Facts:
             elif fenced:
                 state, why = "fenced", fenced
             elif drained:
-                state, why = "drained", f"group {group.name} is draining"
+                state, why = "drained", drained
             else:
                 state = "free"
             views.append(SeatView(device_id, state, record.generation, group.name, why))
@@ -139,7 +153,7 @@ def build(facts: Facts, version: int) -> Snapshot:
         seats = snap.seats[resource] = {}
         devices = snap.devices[resource] = []
         for group in profile.groups:
-            views, held = facts.group_views(resource, group, profile.spec.seats_per_group)
+            views, held = facts.group_views(resource, group, profile.seats_of(group.name))
             by_group[group.name] = views
             snap.held_per_group[(resource, group.name)] = held
             for view in views:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -119,7 +120,7 @@ def parse_override(key: str, raw: str) -> Any:
     annotation = Config.model_fields[field_name].annotation
     if get_origin(annotation) is tuple:
         return _list_override(raw)
-    if annotation in (bool, int):
+    if annotation in (bool, int) or get_origin(annotation) is dict:
         return _yaml_value(raw)
     if not raw and type(None) in get_args(annotation):
         return None
@@ -285,8 +286,12 @@ def _allowed_keys(loc: Loc) -> list[str]:
     """The keys valid at ``loc``, found by walking the model along the key path."""
     current: Any = Config
     for part in loc:
+        if get_origin(current) in (Union, UnionType):  # an optional key: its value's type
+            current = next(a for a in get_args(current) if a is not type(None))
         if isinstance(part, int) and get_origin(current) is tuple:
             current = get_args(current)[0]
+        elif isinstance(part, str) and get_origin(current) is dict:  # a mapping's entry
+            current = get_args(current)[1]
         elif isinstance(part, str) and isinstance(current, type) and issubclass(current, BaseModel):
             name = _field_name(current, part)
             current = current.model_fields[name].annotation if name else None

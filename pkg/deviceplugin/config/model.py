@@ -22,6 +22,7 @@ from pydantic import (
     PlainSerializer,
     StrictInt,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -58,10 +59,18 @@ class EntryProblems(ValueError):
         super().__init__("; ".join(f"{loc_text(loc)}: {text}" for loc, text in problems))
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
 def loc_text(loc: Loc) -> str:
+    """``groups[2].name``; a key that is not a plain word (a node name with dots, a
+    resource name) in brackets: ``nodes[ip-10-0-0-1.ec2.internal].drain``."""
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        if isinstance(part, int) or (text and not _PLAIN_KEY.match(part)):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
     return text
 
 
@@ -162,11 +171,14 @@ class _Model(BaseModel):
     )
 
 
+SeatCount = Annotated[StrictInt, Field(ge=1, le=MAX_SEATS_PER_GROUP)]
+
+
 class Profile(_Model):
     """One extended resource and how many seats each of its groups offers."""
 
     resource: Annotated[ResourceName, Field(strict=True)]
-    seats_per_group: Annotated[StrictInt, Field(ge=1, le=MAX_SEATS_PER_GROUP)]
+    seats_per_group: SeatCount
 
     @field_validator("resource", mode="before")
     @classmethod
@@ -186,6 +198,8 @@ class GroupSpec(_Model):
 
     name: CheckedGroupName
     gpus: tuple[Annotated[StrictInt, Field(ge=0)], ...]
+    seats_per_group: SeatCount | None = None
+    """This group's seats, in place of its profile's seatsPerGroup."""
 
     @field_validator("gpus")
     @classmethod
@@ -199,6 +213,76 @@ class GroupSpec(_Model):
     @property
     def size(self) -> int:
         return len(self.gpus)
+
+
+def _gpu_ref(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a GPU index (a number) or a GPU UUID")
+    if isinstance(value, int) and value < 0:
+        raise ValueError("must be a GPU index >= 0 or a GPU UUID")
+    if isinstance(value, str) and (not value or value.isdigit() or any(c.isspace() for c in value)):
+        raise ValueError("must be a GPU UUID (GPU-...), or an index written as a number")
+    return value
+
+
+GpuRef = Annotated[int | str, BeforeValidator(_gpu_ref)]
+"""A GPU by NVML index (a number) or by UUID (a string)."""
+
+
+def _check_groups(groups: tuple[GroupSpec, ...]) -> tuple[GroupSpec, ...]:
+    problems: list[tuple[Loc, str]] = []
+    names: dict[str, int] = {}
+    # A GPU may sit in one group per size (that is overprovisioning), never in two.
+    owners: dict[tuple[int, int], int] = {}
+    for i, group in enumerate(groups):
+        if group.name in names:
+            problems.append(
+                (
+                    (i, "name"),
+                    f"duplicate group name {group.name!r} (also groups[{names[group.name]}])",
+                )
+            )
+        else:
+            names[group.name] = i
+        for gpu in group.gpus:
+            owner = owners.setdefault((group.size, gpu), i)
+            if owner != i:
+                problems.append(
+                    (
+                        (i, "gpus"),
+                        f"GPU {gpu} is already in {group.size}-GPU group "
+                        f"{groups[owner].name!r} (groups[{owner}])",
+                    )
+                )
+    if problems:
+        raise EntryProblems(problems)
+    return groups
+
+
+class NodeOverride(_Model):
+    """One node's changes to the pool-wide config: each key it sets replaces the
+    pool-wide value on that node (lists are not merged); ``seatsPerGroup`` replaces
+    the seat counts of the profiles it names."""
+
+    drain: tuple[CheckedGroupName, ...] | None = None
+    """Group names that take no new seats on this node."""
+    drain_gpus: tuple[GpuRef, ...] | None = None
+    """GPUs of this node (index or UUID) whose groups take no new seats."""
+    seats_per_group: dict[Annotated[str, Field(strict=True)], SeatCount] | None = None
+    """Seats per group by profile resource, for the profiles named."""
+    groups: tuple[GroupSpec, ...] | None = None
+    """This node's explicit groups, in place of the pool-wide ones."""
+
+    @field_validator("groups")
+    @classmethod
+    def _distinct_names_and_gpus(
+        cls, groups: tuple[GroupSpec, ...] | None
+    ) -> tuple[GroupSpec, ...] | None:
+        return None if groups is None else _check_groups(groups)
+
+    def to_data(self) -> dict[str, Any]:
+        """The keys this override sets, camelCase, as the file spells them."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 DEFAULT_IGNORED_XIDS = (13, 31, 43, 45, 68, 109)
@@ -230,6 +314,14 @@ class Config(_Model):
     containers that see every GPU), or UUIDs (uuid: right in both cases)."""
     drain: tuple[CheckedGroupName, ...] = ()
     """Group names that take no new seats (comma-separated or a YAML list)."""
+    drain_gpus: tuple[GpuRef, ...] = ()
+    """GPUs, by index or UUID, whose groups in every profile take no new seats
+    (comma-separated or a YAML list)."""
+    nodes: dict[Annotated[str, Field(strict=True, min_length=1)], NodeOverride] = Field(
+        default_factory=dict
+    )
+    """Per-node overrides: node name (KYB_NODE_NAME) -> drain, drainGpus, seatsPerGroup
+    (by resource) and groups for that node only (a YAML mapping)."""
     refresh_interval: Duration = 30.0
     """How often the GPU topology is read again (e.g. 30s)."""
     reconcile_interval: Duration = 10.0
@@ -286,33 +378,45 @@ class Config(_Model):
     @field_validator("groups")
     @classmethod
     def _distinct_names_and_gpus(cls, groups: tuple[GroupSpec, ...]) -> tuple[GroupSpec, ...]:
+        return _check_groups(groups)
+
+    @model_validator(mode="after")
+    def _overrides_name_profiles(self) -> Config:
         problems: list[tuple[Loc, str]] = []
-        names: dict[str, int] = {}
-        # A GPU may sit in one group per size (that is overprovisioning), never in two.
-        owners: dict[tuple[int, int], int] = {}
-        for i, group in enumerate(groups):
-            if group.name in names:
-                problems.append(
-                    (
-                        (i, "name"),
-                        f"duplicate group name {group.name!r} (also groups[{names[group.name]}])",
-                    )
-                )
-            else:
-                names[group.name] = i
-            for gpu in group.gpus:
-                owner = owners.setdefault((group.size, gpu), i)
-                if owner != i:
+        served = self.resources
+        for node, override in self.nodes.items():
+            for resource in override.seats_per_group or {}:
+                if resource not in served:
                     problems.append(
                         (
-                            (i, "gpus"),
-                            f"GPU {gpu} is already in {group.size}-GPU group "
-                            f"{groups[owner].name!r} (groups[{owner}])",
+                            ("nodes", node, "seatsPerGroup", resource),
+                            f"no profile serves {resource!r} (profiles: {', '.join(served)})",
                         )
                     )
         if problems:
             raise EntryProblems(problems)
-        return groups
+        return self
+
+    def for_node(self, node: str | None) -> Config:
+        """The config in force on ``node``: this one with its override applied (this
+        one itself where the config has no override for it)."""
+        override = self.nodes.get(node) if node else None
+        if override is None:
+            return self
+        update: dict[str, Any] = {
+            name: value
+            for name in ("drain", "drain_gpus", "groups")
+            if (value := getattr(override, name)) is not None
+        }
+        counts = override.seats_per_group
+        if counts:
+            update["profiles"] = tuple(
+                p.model_copy(update={"seats_per_group": counts[p.resource]})
+                if p.resource in counts
+                else p
+                for p in self.profiles
+            )
+        return self.model_copy(update=update)
 
     @property
     def resources(self) -> tuple[ResourceName, ...]:

@@ -14,13 +14,16 @@ from pkg.deviceplugin.config.model import Config
 
 @dataclass
 class ConfigSource:
-    """Where the config comes from: a file (None: the default path) plus flag/env overrides."""
+    """Where the config comes from: a file (None: the default path) plus flag/env
+    overrides, and the node it runs on (whose entry under ``nodes`` applies)."""
 
     path: Path | None = None
     overrides: Mapping[str, str] = field(default_factory=dict)
+    node: str | None = None
 
     def load(self) -> Config:
-        return loader.load(self.path, self.overrides)
+        """The config in force on this node (see :meth:`Config.for_node`)."""
+        return loader.load(self.path, self.overrides).for_node(self.node)
 
     def origin(self, key: str) -> str:
         """Where config key ``key`` (as the file spells it) came from: its flag or env

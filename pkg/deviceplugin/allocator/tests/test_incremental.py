@@ -37,13 +37,14 @@ TOPOLOGY = four_gpus_in_nvlink_pairs()
 R4 = ResourceName("kyb.ai/gpu-4x-seat")
 SEATS = {
     R1: [DeviceId(f"G{g}-s{k}") for g in range(4) for k in range(4)],
-    R2: [DeviceId(f"G{p}-s{k}") for p in ("01", "23") for k in range(3)],
+    R2: [DeviceId(f"G{p}-s{k}") for p in ("01", "23") for k in range(5)],
     R4: [DeviceId(f"G0123-s{k}") for k in range(2)],
 }
 GPU_UUIDS = [g.uuid for g in TOPOLOGY.gpus]
 
 
-def build(seats_2x: int) -> layout.Layout:
+def build(seats_2x: int, seats_g01: int | None = None) -> layout.Layout:
+    """``seats_g01``: G01's own seat count, in place of the 2x profile's."""
     return layout.build(
         [
             layout.ProfileSpec(R1, 1, 4),
@@ -51,7 +52,7 @@ def build(seats_2x: int) -> layout.Layout:
             layout.ProfileSpec(R4, 4, 2),
         ],
         [
-            layout.GroupSpec(GroupName("G01"), (0, 1)),
+            layout.GroupSpec(GroupName("G01"), (0, 1), seats_g01),
             layout.GroupSpec(GroupName("G23"), (2, 3)),
             layout.GroupSpec(GroupName("G0123"), (0, 1, 2, 3)),
         ],
@@ -149,15 +150,26 @@ class IncrementalMachine(RuleBasedStateMachine):
 
     @rule(
         seats_2x=st.integers(1, 3),
+        seats_g01=st.none() | st.integers(1, 5),
         overprovision=st.booleans(),
         drain=st.sets(st.sampled_from(["G1", "G23", "G0123"])),
+        drain_gpus=st.sets(st.sampled_from([0, 3, GPU_UUIDS[1]]), max_size=2),
     )
-    def change_config(self, seats_2x: int, overprovision: bool, drain: set[str]) -> None:
+    def change_config(
+        self,
+        seats_2x: int,
+        seats_g01: int | None,
+        overprovision: bool,
+        drain: set[str],
+        drain_gpus: set[int | str],
+    ) -> None:
         self.seats_2x = seats_2x
         policy = Policy(
-            allow_overprovision=overprovision, drain=frozenset(GroupName(g) for g in drain)
+            allow_overprovision=overprovision,
+            drain=frozenset(GroupName(g) for g in drain),
+            drain_gpus=frozenset(drain_gpus),
         )
-        self.board.apply(plan=build(seats_2x), policy=policy)
+        self.board.apply(plan=build(seats_2x, seats_g01), policy=policy)
 
     @invariant()
     def snapshot_equals_a_full_rebuild(self) -> None:
