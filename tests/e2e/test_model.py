@@ -336,7 +336,8 @@ ONCE = pytest.mark.skipif(
     support.TOPOLOGY != "dgx-a100" and "KYB_MODEL_EXAMPLES" not in os.environ,
     reason="the process-level model runs on dgx-a100 only (KYB_MODEL_EXAMPLES: anywhere)",
 )
-TestPluginModel = pytest.mark.e2e(ONCE(TWO_GPUS(PluginModel.TestCase)))
+# Its kubelet restarts must be registered again before the re-admission (kubelet_race).
+TestPluginModel = pytest.mark.e2e(pytest.mark.kubelet_race(ONCE(TWO_GPUS(PluginModel.TestCase))))
 
 
 @pytest.mark.e2e
