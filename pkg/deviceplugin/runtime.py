@@ -308,9 +308,10 @@ class Runtime:
                     if self._stop.is_set():
                         return
                     requested = self._reload_requested.is_set()
+                    if requested:  # one that comes after this is left for the next turn
+                        self._reload_requested.clear()
                     fingerprint = self.source.fingerprint()
                     if requested or fingerprint != self._fingerprint:
-                        self._reload_requested.clear()
                         self._fingerprint = fingerprint
                         why = "reload requested" if requested else "changed"
                         log.info("config %s; reloading", why)

@@ -239,7 +239,8 @@ def test_sighup_turning_overprovisioning_off_fences_overlapping_groups_and_on_ag
         lambda: not unhealthy(node, R1) and not unhealthy(node, R2), 5.0
     ), node.log()
     assert generation(node, R2, f"{g2}-s1") == "1"
-    assert "config reload requested" in node.log()
+    # the config watch may have reloaded before the SIGHUP was handled: wait for its line
+    assert support.wait_until(lambda: "config reload requested" in node.log(), 5.0), node.log()
 
 
 @pytest.mark.e2e
