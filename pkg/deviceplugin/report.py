@@ -10,15 +10,16 @@ from typing import Any, TextIO, cast
 from pkg.deviceplugin import plan
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.document import GroupDoc, ResourceDoc, SeatDoc, StatusDoc
-from pkg.deviceplugin.allocator.policy import Policy
 from pkg.deviceplugin.config.model import Config
 from pkg.deviceplugin.types import Topology
 
 
 def plan_document(config: Config, topology: Topology) -> StatusDoc:
-    """The status shape for a fresh node (every seat free, generation 0) plus group links."""
+    """The status shape for a fresh node (every seat free at generation 0, or drained
+    where the config drains it) plus group links."""
     layout = plan.build_layout(config, topology)
-    board = SeatBoard(layout, Policy(), None, release_grace_s=config.release_grace_period)
+    policy = plan.policy_of(config)
+    board = SeatBoard(layout, policy, None, release_grace_s=config.release_grace_period)
     board.set_aside_gpus(topology.set_aside)
     doc = board.status()
     for resource, group in layout.groups():

@@ -56,6 +56,31 @@ def test_a_plan_offers_every_seat_of_every_profile_free_at_generation_0() -> Non
     assert "setAsideGpus" not in doc
 
 
+def test_a_plan_shows_the_groups_the_config_drains_by_name_and_by_gpu() -> None:
+    doc = report.plan_document(
+        config(
+            "profiles:\n"
+            "  - {resource: kyb.ai/gpu-1x-seat, seatsPerGroup: 4}\n"
+            "  - {resource: kyb.ai/gpu-2x-seat, seatsPerGroup: 3}\n"
+            "drain: [G01]\n"
+            "drainGpus: [3]\n"
+        ),
+        TOPOLOGY,
+    )
+    drained = {
+        (resource, name)
+        for resource, body in doc["resources"].items()
+        for name, group in body["groups"].items()
+        if group["drained"]
+    }
+    assert drained == {(R2, "G01"), (R1, "G3"), (R2, "G23")}
+    seats = doc["resources"][R2]["groups"]["G23"]["seats"]
+    assert {seat["state"] for seat in seats.values()} == {"drained"}
+    assert all(
+        seat["state"] == "free" for seat in doc["resources"][R1]["groups"]["G0"]["seats"].values()
+    )
+
+
 def test_a_plan_gives_each_group_the_link_word_of_every_pair_inside_it() -> None:
     doc = report.plan_document(
         config(
