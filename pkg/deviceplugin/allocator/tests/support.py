@@ -52,6 +52,27 @@ def four_gpus_in_nvlink_pairs() -> Topology:
     return Topology.from_matrix(gpus, matrix)
 
 
+R4 = ResourceName("kyb.ai/gpu-4x-seat")
+
+
+def three_profiles(seats_2x: int = 3, seats_g01: int | None = None) -> layout.Layout:
+    """1x, 2x and 4x profiles on four GPUs in NVLink pairs (G01 and G23, G0123);
+    ``seats_g01``: G01's own seat count, in place of the 2x profile's."""
+    return layout.build(
+        [
+            layout.ProfileSpec(R1, 1, 4),
+            layout.ProfileSpec(R2, 2, seats_2x),
+            layout.ProfileSpec(R4, 4, 2),
+        ],
+        [
+            layout.GroupSpec(GroupName("G01"), (0, 1), seats_g01),
+            layout.GroupSpec(GroupName("G23"), (2, 3)),
+            layout.GroupSpec(GroupName("G0123"), (0, 1, 2, 3)),
+        ],
+        four_gpus_in_nvlink_pairs(),
+    )
+
+
 def seed_layout(topology: Topology | None = None) -> layout.Layout:
     """The seed's example: 1x seats 4 per group, 2x seats 3 per group, G01 and G23 explicit."""
     return layout.build(

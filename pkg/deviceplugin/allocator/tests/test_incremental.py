@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from pkg.deviceplugin.allocator import layout, views
+from pkg.deviceplugin.allocator import views
 from pkg.deviceplugin.allocator.board import SeatBoard
 from pkg.deviceplugin.allocator.document import LedgerEntry
 from pkg.deviceplugin.allocator.ledger import Holder, SeatKey
@@ -25,39 +25,23 @@ from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import (
     R1,
     R2,
+    R4,
     Clock,
     WritesBehind,
     allocate,
     four_gpus_in_nvlink_pairs,
     model_examples,
+    three_profiles,
 )
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
 
 TOPOLOGY = four_gpus_in_nvlink_pairs()
-R4 = ResourceName("kyb.ai/gpu-4x-seat")
 SEATS = {
     R1: [DeviceId(f"G{g}-s{k}") for g in range(4) for k in range(4)],
     R2: [DeviceId(f"G{p}-s{k}") for p in ("01", "23") for k in range(5)],
     R4: [DeviceId(f"G0123-s{k}") for k in range(2)],
 }
 GPU_UUIDS = [g.uuid for g in TOPOLOGY.gpus]
-
-
-def build(seats_2x: int, seats_g01: int | None = None) -> layout.Layout:
-    """``seats_g01``: G01's own seat count, in place of the 2x profile's."""
-    return layout.build(
-        [
-            layout.ProfileSpec(R1, 1, 4),
-            layout.ProfileSpec(R2, 2, seats_2x),
-            layout.ProfileSpec(R4, 4, 2),
-        ],
-        [
-            layout.GroupSpec(GroupName("G01"), (0, 1), seats_g01),
-            layout.GroupSpec(GroupName("G23"), (2, 3)),
-            layout.GroupSpec(GroupName("G0123"), (0, 1, 2, 3)),
-        ],
-        TOPOLOGY,
-    )
 
 
 class FlakyStore(StateStore):
@@ -88,7 +72,7 @@ class IncrementalMachine(RuleBasedStateMachine):
         self.seats_2x = 3
         self.writes = WritesBehind()
         self.board = SeatBoard(
-            build(self.seats_2x),
+            three_profiles(self.seats_2x),
             Policy(),
             self.store,
             release_grace_s=60,
@@ -169,7 +153,7 @@ class IncrementalMachine(RuleBasedStateMachine):
             drain=frozenset(GroupName(g) for g in drain),
             drain_gpus=frozenset(drain_gpus),
         )
-        self.board.apply(plan=build(seats_2x, seats_g01), policy=policy)
+        self.board.apply(plan=three_profiles(seats_2x, seats_g01), policy=policy)
 
     @invariant()
     def snapshot_equals_a_full_rebuild(self) -> None:
@@ -209,7 +193,7 @@ TestIncrementalSnapshot = IncrementalMachine.TestCase
 
 
 def test_a_new_binding_keeps_the_device_lists_it_does_not_change(tmp_path: Path) -> None:
-    board = SeatBoard(build(3), Policy(), StateStore(tmp_path), release_grace_s=60)
+    board = SeatBoard(three_profiles(3), Policy(), StateStore(tmp_path), release_grace_s=60)
     before = {r: board._snapshot.devices[r] for r in (R1, R2, R4)}
     allocate(board, R1, [["G0-s0"]])
     after = board._snapshot.devices
@@ -226,7 +210,7 @@ def test_a_repeat_allocate_reaches_the_state_file_at_the_next_save(
 ) -> None:
     writes = WritesBehind()
     board = SeatBoard(
-        build(3),
+        three_profiles(3),
         Policy(),
         StateStore(tmp_path),
         release_grace_s=60,
@@ -249,7 +233,7 @@ def test_streams_are_woken_at_once_only_when_a_device_list_changes(
     tmp_path: Path, overprovision: bool, wakes: int
 ) -> None:
     board = SeatBoard(
-        build(3),
+        three_profiles(3),
         Policy(allow_overprovision=overprovision),
         StateStore(tmp_path),
         release_grace_s=60,

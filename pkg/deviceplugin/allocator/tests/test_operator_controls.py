@@ -23,34 +23,19 @@ from pkg.deviceplugin.allocator.store import StateStore
 from pkg.deviceplugin.allocator.tests.support import (
     R1,
     R2,
+    R4,
     Clock,
     MakeBoard,
     allocate,
     four_gpus_in_nvlink_pairs,
     model_examples,
     seed_layout,
+    three_profiles,
 )
 from pkg.deviceplugin.allocator.tests.test_document import problems
 from pkg.deviceplugin.types import DeviceId, GroupName, ResourceName
 
 TOPOLOGY = four_gpus_in_nvlink_pairs()
-R4 = ResourceName("kyb.ai/gpu-4x-seat")
-
-
-def three_profiles(seats_g01: int | None = None, seats_2x: int = 3) -> layout.Layout:
-    return layout.build(
-        [
-            layout.ProfileSpec(R1, 1, 4),
-            layout.ProfileSpec(R2, 2, seats_2x),
-            layout.ProfileSpec(R4, 4, 2),
-        ],
-        [
-            layout.GroupSpec(GroupName("G01"), (0, 1), seats_g01),
-            layout.GroupSpec(GroupName("G23"), (2, 3)),
-            layout.GroupSpec(GroupName("G0123"), (0, 1, 2, 3)),
-        ],
-        TOPOLOGY,
-    )
 
 
 def states(board: SeatBoard, resource: ResourceName, group: str) -> dict[str, str]:

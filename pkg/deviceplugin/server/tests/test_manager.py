@@ -38,6 +38,20 @@ from pkg.deviceplugin.types import socket_name_of
 RESOURCES = (R1, R2)
 
 
+def count_ticks(manager: PluginManager) -> list[float]:
+    """When each tick of the manager's watch loop runs, from now on."""
+    ticks: list[float] = []
+    real_tick = manager.tick
+
+    def counting_tick() -> None:
+        ticks.append(time.monotonic())
+        real_tick()
+
+    manager.tick = counting_tick  # type: ignore[method-assign]
+    manager.wake()  # the loop picks up the counting tick
+    return ticks
+
+
 @dataclass
 class Node:
     root: Path
@@ -305,15 +319,7 @@ def test_an_idle_registered_manager_does_not_tick_and_still_sees_a_kubelet_resta
     node = make_node()
     manager = node.start()
     assert node.wait_registered()
-    ticks: list[float] = []
-    real_tick = manager.tick
-
-    def counting_tick() -> None:
-        ticks.append(time.monotonic())
-        real_tick()
-
-    manager.tick = counting_tick  # type: ignore[method-assign]
-    manager.wake()  # the loop picks up the counting tick
+    ticks = count_ticks(manager)
     time.sleep(1.5)
     assert len(ticks) <= 2, f"{len(ticks)} ticks in 1.5 s idle"
     before = len(ticks)
@@ -332,15 +338,7 @@ def test_a_manager_waiting_for_the_kubelet_sleeps_and_registers_when_it_comes(
     node.kubelet.stop()
     (node.root / "dp" / "kubelet.sock").unlink(missing_ok=True)
     manager = node.start()
-    ticks: list[float] = []
-    real_tick = manager.tick
-
-    def counting_tick() -> None:
-        ticks.append(time.monotonic())
-        real_tick()
-
-    manager.tick = counting_tick  # type: ignore[method-assign]
-    manager.wake()
+    ticks = count_ticks(manager)
     time.sleep(1.0)
     assert len(ticks) <= 3, f"{len(ticks)} ticks in 1 s with no kubelet"
     node.kubelet.start()
