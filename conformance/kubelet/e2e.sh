@@ -6,6 +6,9 @@
 # static pods are admitted.
 #
 #   conformance/kubelet/e2e.sh [pytest args...]     e.g. -k restart -x
+#   conformance/kubelet/e2e.sh --build-only          the binaries only (tox's kubelet env
+#                                                    builds them, so that kubelet-e2e,
+#                                                    which runs alone, does not link)
 #
 # Python: $KYB_PYTHON, else <repo>/.venv/bin/python, else python3.
 # Without Go, root or a private mount namespace it prints one line why and exits 0.
@@ -19,22 +22,31 @@ skip() {
 }
 
 command -v go >/dev/null 2>&1 || skip "no Go toolchain"
-[ "$(id -u)" = 0 ] || skip "not root (the kubelet and the mounts that keep it in a temp dir need root)"
-command -v unshare >/dev/null 2>&1 || skip "no unshare command"
-if ! err=$(unshare -m --propagation private true 2>&1); then
-    skip "no private mount namespace here (unshare -m: ${err:0:200})"
+build_only=false
+if [ "${1:-}" = --build-only ]; then
+    build_only=true
+else
+    [ "$(id -u)" = 0 ] || skip "not root (the kubelet and the mounts that keep it in a temp dir need root)"
+    command -v unshare >/dev/null 2>&1 || skip "no unshare command"
+    if ! err=$(unshare -m --propagation private true 2>&1); then
+        skip "no private mount namespace here (unshare -m: ${err:0:200})"
+    fi
+fi
+
+bin=$here/.bin
+mkdir -p "$bin"
+started=$(date +%s)
+# go build leaves a binary whose build ID is current as it is: it links only once
+(cd "$here" && go build -o "$bin/kubelet" k8s.io/kubernetes/cmd/kubelet && go build -o "$bin/fakecri" ./fakecri)
+echo "conformance/kubelet e2e: kubelet and fakecri built in $(($(date +%s) - started)) s"
+if $build_only; then
+    exit 0
 fi
 
 python=${KYB_PYTHON:-}
 if [ -z "$python" ]; then
     if [ -x "$repo/.venv/bin/python" ]; then python=$repo/.venv/bin/python; else python=python3; fi
 fi
-
-bin=$here/.bin
-mkdir -p "$bin"
-started=$(date +%s)
-(cd "$here" && go build -o "$bin/kubelet" k8s.io/kubernetes/cmd/kubelet && go build -o "$bin/fakecri" ./fakecri)
-echo "conformance/kubelet e2e: kubelet and fakecri built in $(($(date +%s) - started)) s"
 
 work=$(mktemp -d /tmp/kyb-kubelet-e2e-XXXXXX)
 [ -n "${KYB_E2E_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
