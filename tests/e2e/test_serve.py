@@ -309,6 +309,8 @@ def test_an_idle_plugin_asks_podresources_only_while_an_answer_could_change_some
 
     time.sleep(0.5)  # the start's answer
     assert lists_in(1.5) == 0
+    # a seat to admit on (flaky-4's scripted faults make every GPU suspect for seconds)
+    assert node.kubelet.wait_for(lambda: bool(node.kubelet.healthy(resource)), 10.0)
     node.kubelet.admit("p", [ContainerSpec("main", {resource: 1})])
     assert asks_again(3, 10.0)  # every 200 ms while the seat is held
     node.kubelet.delete("p")
