@@ -21,6 +21,8 @@ import kubernetes_validate
 import yaml
 from referencing import Registry, Resource
 
+from codegen import manifests
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The newest Kubernetes release whose schemas kubernetes-validate ships; pinned so a
 # package upgrade cannot change what the tests mean without a diff here.
@@ -82,3 +84,14 @@ def _strict(schema: Any) -> Any:
         for item in schema:
             _strict(item)
     return schema
+
+
+def rendered_documents(repo_root: Path) -> list[dict[str, Any]]:
+    """The objects `python -m codegen manifests` renders in ``repo_root``."""
+    return [
+        doc
+        for path, content in manifests.generate(repo_root).items()
+        if path.startswith(f"{manifests.OUTPUT_ROOT}/")
+        for doc in yaml.safe_load_all(content)
+        if doc is not None
+    ]

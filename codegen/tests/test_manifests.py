@@ -120,16 +120,6 @@ def _with_deployment(root: Path, deployment: dict[str, Any]) -> Path:
     return root
 
 
-def _documents(repo_root: Path) -> list[dict[str, Any]]:
-    return [
-        doc
-        for path, content in manifests.generate(repo_root).items()
-        if path.startswith(f"{manifests.OUTPUT_ROOT}/")
-        for doc in yaml.safe_load_all(content)
-        if doc is not None
-    ]
-
-
 def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [doc for doc in docs if doc["kind"] == kind]
 
@@ -156,7 +146,7 @@ def _daemonsets(rendered: tuple[Path, dict[str, Any]]) -> list[tuple[dict[str, A
     root, deployment = rendered
     by_pool = {
         ds["spec"]["template"]["metadata"]["labels"]["kyb.ai/pool"]: ds
-        for ds in _of_kind(_documents(root), "DaemonSet")
+        for ds in _of_kind(support.rendered_documents(root), "DaemonSet")
     }
     assert sorted(by_pool) == sorted(pool["name"] for pool in deployment["pools"])
     return [(pool, by_pool[pool["name"]]) for pool in deployment["pools"]]
@@ -186,7 +176,7 @@ def test_check_cli_exits_zero_when_fresh() -> None:
 
 
 def test_committed_default_is_one_pool_with_the_seed_profiles() -> None:
-    docs = _documents(REPO_ROOT)
+    docs = support.rendered_documents(REPO_ROOT)
     assert [doc["kind"] for doc in docs] == [
         "Namespace",
         "ValidatingAdmissionPolicy",
@@ -249,18 +239,18 @@ def test_check_reports_stale_manifests_after_the_deployment_changes(repo_copy: P
 def test_every_document_validates_strictly_against_the_kubernetes_schemas(
     rendered: tuple[Path, dict[str, Any]],
 ) -> None:
-    docs = _documents(rendered[0])
+    docs = support.rendered_documents(rendered[0])
     assert docs
     for doc in docs:
         support.validate(doc)
 
 
 def test_the_schemas_used_are_strict_enough_to_catch_a_misspelt_key(three_pools: Path) -> None:
-    (daemonset,) = _of_kind(_documents(REPO_ROOT), "DaemonSet")
+    (daemonset,) = _of_kind(support.rendered_documents(REPO_ROOT), "DaemonSet")
     _container(daemonset)["securityContext"]["privilegd"] = True
     with pytest.raises(support.InvalidObject):
         support.validate(daemonset)
-    (monitor,) = _of_kind(_documents(three_pools), "PodMonitor")
+    (monitor,) = _of_kind(support.rendered_documents(three_pools), "PodMonitor")
     monitor["spec"]["podMetricsEndpoints"][0]["prot"] = "metrics"
     with pytest.raises(support.InvalidObject, match="'prot' was unexpected"):
         support.validate(monitor)
@@ -375,7 +365,8 @@ def test_every_pool_mounts_its_configmap_as_a_directory(
     rendered: tuple[Path, dict[str, Any]],
 ) -> None:
     configmaps = {
-        cm["metadata"]["name"]: cm for cm in _of_kind(_documents(rendered[0]), "ConfigMap")
+        cm["metadata"]["name"]: cm
+        for cm in _of_kind(support.rendered_documents(rendered[0]), "ConfigMap")
     }
     for pool, daemonset in _daemonsets(rendered):
         (volume,) = [v for v in _pod(daemonset)["volumes"] if "configMap" in v]
@@ -446,7 +437,7 @@ def test_every_pool_rolls_out_node_by_node_and_stops_in_time(
 
 
 def test_several_pools_get_suffixed_names_in_one_namespace(three_pools: Path) -> None:
-    docs = _documents(three_pools)
+    docs = support.rendered_documents(three_pools)
     assert [doc["metadata"]["name"] for doc in _of_kind(docs, "ConfigMap")] == [
         "kyb-deviceplugin-config-a100",
         "kyb-deviceplugin-config-h100",
@@ -481,7 +472,7 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_metrics_are_off_by_default() -> None:
     rendered = manifests.generate(REPO_ROOT)
     assert f"{manifests.OUTPUT_ROOT}/metrics.yaml" not in rendered
-    docs = _documents(REPO_ROOT)
+    docs = support.rendered_documents(REPO_ROOT)
     assert not _of_kind(docs, "Service") and not _of_kind(docs, "PodMonitor")
     (daemonset,) = _of_kind(docs, "DaemonSet")
     assert "ports" not in _container(daemonset)
@@ -492,7 +483,7 @@ def test_metrics_are_off_by_default() -> None:
 def test_only_the_pools_that_set_metrics_address_get_a_port_and_a_service(
     three_pools: Path,
 ) -> None:
-    docs = _documents(three_pools)
+    docs = support.rendered_documents(three_pools)
     services = _metrics_objects(docs, "Service")
     assert sorted(services) == ["a100", "h100"]
     by_pool = {pool["name"]: ds for pool, ds in _daemonsets((three_pools, THREE_POOLS))}
@@ -515,7 +506,7 @@ def test_only_the_pools_that_set_metrics_address_get_a_port_and_a_service(
 def test_a_pool_with_metrics_gets_a_podmonitor_selecting_its_pods_unless_it_opts_out(
     three_pools: Path,
 ) -> None:
-    docs = _documents(three_pools)
+    docs = support.rendered_documents(three_pools)
     monitors = _metrics_objects(docs, "PodMonitor")
     assert sorted(monitors) == ["h100"]  # a100 sets podMonitor.enabled false
     monitor = monitors["h100"]
@@ -602,7 +593,7 @@ def _cel_join(items: list[str], separator: str = "") -> celtypes.StringType:
 
 
 def _admission(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    docs = _documents(root)
+    docs = support.rendered_documents(root)
     (policy,) = _of_kind(docs, "ValidatingAdmissionPolicy")
     (binding,) = _of_kind(docs, "ValidatingAdmissionPolicyBinding")
     return policy, binding

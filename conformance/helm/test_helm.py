@@ -54,13 +54,7 @@ def _generated(deployment: Path, tmp_path: Path) -> list[dict[str, Any]]:
     for part in (manifests.TEMPLATE_ROOT, manifests.GENERATED_ROOT):
         shutil.copytree(REPO_ROOT / part, tmp_path / part)
     shutil.copy(deployment, tmp_path / manifests.DEPLOYMENT)
-    return [
-        doc
-        for path, content in manifests.generate(tmp_path).items()
-        if path.startswith(f"{manifests.OUTPUT_ROOT}/")
-        for doc in yaml.safe_load_all(content)
-        if doc is not None
-    ]
+    return support.rendered_documents(tmp_path)
 
 
 def _by_name(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
