@@ -306,6 +306,8 @@ def test_a_container_with_two_resources_sees_one_answer_per_duplicate_key(
 ) -> None:
     world.serve_plugin()
     world.register()
+    # Register returns before the first device list has come over ListAndWatch
+    assert world.wait_devices(len(DEVICES))
     other = RecordingPlugin(devices=["o0", "o1"])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     api_pb2_grpc.add_DevicePluginServicer_to_server(other, server)
