@@ -168,7 +168,13 @@ class SeatBoard:
         observed: Mapping[SeatKey, Holder] | None = None,
     ) -> list[list[response.BoundSeat]]:
         """Bind the seats of every container request, all or nothing; each one's seats
-        with their generations (``response.build`` makes the container's answer)."""
+        with their generations (``response.build`` makes the container's answer).
+
+        The init-to-app hand-off window is measured from one answer leaving to the next
+        request arriving, the kubelet's own gap: not from before the lock (a save by
+        another thread may hold it) nor to after the durable write (an fsync on a busy
+        disk can take longer than the window)."""
+        arrived = self._monotonic()
         with self._lock:
             if self._lost.awaiting and observed is not None:
                 self._reconcile_locked(observed)  # it may be the answer that ends the wait
@@ -184,12 +190,12 @@ class SeatBoard:
                 if unsaved:
                     self._saver.save()
                 raise
-            return self._bind_locked(resource, seats, unsaved)
+            return self._bind_locked(resource, seats, unsaved, arrived)
 
     def _bind_locked(
-        self, resource: ResourceName, seats: list[list[Seat]], unsaved: bool
+        self, resource: ResourceName, seats: list[list[Seat]], unsaved: bool, arrived: float
     ) -> list[list[response.BoundSeat]]:
-        answers, new, repeated = _bind_all(self._ledger, seats, self._monotonic(), self._clock())
+        answers, new, repeated = _bind_all(self._ledger, seats, arrived, self._clock())
         for group in repeated:  # a repeat moved its binding's allocatedAt
             self._encoder.forget((resource, group))
         if not new:
@@ -213,6 +219,7 @@ class SeatBoard:
             raise AllocationError(
                 "unavailable", f"could not persist the seat ledger: {exc}"
             ) from exc
+        self._ledger.answered(keys, self._monotonic())
         if shown:
             self._changed.notify_all()
         for seat, made in new:

@@ -7,8 +7,9 @@ Rules (SPEC section 4):
   So an Allocate of a seat with a live binding is that same binding (same generation)
   only if its holder was never seen in PodResources ``List`` (``List`` never shows
   plain init containers) and it comes within ``handoff_s`` of the binding's last
-  Allocate. Anything else is a new holder, one generation higher: a pod that was seen,
-  or that lived longer than the window, never passes its generation on.
+  Allocate (from its answer, made durable, to the next request). Anything else is a
+  new holder, one generation higher: a pod that was seen, or that lived longer than
+  the window, never passes its generation on.
 - Generations never go back and are never reused, whatever happens to the layout.
 - A binding ends only on evidence: its holder was seen in ``List`` and is missing from
   at least two successful ``List`` answers ``gone_confirm_s`` apart (a kubelet that is
@@ -191,6 +192,14 @@ class Ledger:
         record.binding = Binding(record.generation, now, group, gpus, allocated_wall=wall)
         record.released = None
         return Bound(record.generation, True, live, previous)
+
+    def answered(self, keys: Iterable[SeatKey], now: float) -> None:
+        """New bindings made durable, their answer about to leave (``now``: monotonic):
+        their hand-off window starts here."""
+        for key in keys:
+            binding = self._records[key].binding
+            if binding is not None:
+                binding.allocated_at = max(binding.allocated_at, now)
 
     def unbind(self, key: SeatKey, bound: Bound) -> None:
         """Undo a new binding that could not be made durable (nothing was promised yet)."""

@@ -14,7 +14,11 @@ every step:
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -449,3 +453,82 @@ def test_a_fresh_node_counts_generations_from_1(tmp_path: Path) -> None:
     board = stored_board(tmp_path, Clock(1_800_000_000.0), Clock())
     assert gen(board, R1, "G0-s0") == 1
     assert "generationFloor" not in json.loads((tmp_path / "state.json").read_text())
+
+
+def test_a_slow_disk_under_the_init_containers_answer_keeps_the_hand_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The init container's binding is made durable before its answer leaves; the
+    # kubelet sends the app container's Allocate right after that answer. An fsync
+    # longer than the window (a busy disk) once made the app container a new holder.
+    wall, mono = Clock(1_800_000_000.0), Clock()
+    board = stored_board(tmp_path, wall, mono)
+    slow = True
+
+    def sync(real: Callable[[int], None]) -> Callable[[int], None]:
+        def synced(fd: int) -> None:
+            real(fd)
+            if slow:
+                mono.now += HANDOFF_S + 1.0
+
+        return synced
+
+    monkeypatch.setattr(os, "fsync", sync(os.fsync))
+    monkeypatch.setattr(os, "fdatasync", sync(os.fdatasync))
+    started = mono.now
+    assert gen(board, R1, "G0-s0") == 1
+    assert mono.now > started + HANDOFF_S  # the write took longer than the window
+    slow = False
+    mono.now += 0.05
+    assert gen(board, R1, "G0-s0") == 1
+    mono.now += HANDOFF_S + 0.01
+    assert gen(board, R1, "G0-s0") == 2
+
+
+def test_an_app_containers_allocate_waiting_on_a_save_keeps_the_hand_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The app container's Allocate arrives within the window but waits for the board's
+    # lock, held by a save (a holder seen in PodResources) on a slow disk: the window
+    # closes when the request arrives, not when the save lets it in.
+    wall, mono = Clock(1_800_000_000.0), CallerClock()
+    board = stored_board(tmp_path, wall, mono)
+    assert gen(board, R1, "G1-s0") == 1  # pod b
+    assert gen(board, R1, "G0-s0") == 1  # pod a's init container
+    saving, go = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if threading.current_thread().name == "reconcile":
+            saving.set()
+            go.wait(10)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    seen_b = {(R1, DeviceId("G1-s0")): Holder("ns", "b", "app")}
+    reconcile = threading.Thread(target=board.reconcile, args=(seen_b,), name="reconcile")
+    reconcile.start()
+    assert saving.wait(10)
+    answers: list[int] = []
+    app = threading.Thread(target=lambda: answers.append(gen(board, R1, "G0-s0")), name="app")
+    app.start()
+    deadline = time.monotonic() + 2.0
+    while "app" not in mono.callers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    mono.now += HANDOFF_S + 1.0  # the save's fsync took longer than the window
+    go.set()
+    reconcile.join(10)
+    app.join(10)
+    assert answers == [1]
+
+
+class CallerClock(Clock):
+    """A monotonic clock that notes which threads read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callers: set[str] = set()
+
+    def __call__(self) -> float:
+        self.callers.add(threading.current_thread().name)
+        return self.now
