@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -229,19 +228,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         source=_config_source(args),
         dev_root=Path(args.dev_root),
     )
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s; stopping", signal.Signals(signum).name)
-        stop.set()
-
-    def on_hangup(_signum: int, _frame: object) -> None:
-        log.info("received SIGHUP; reloading the config")
-        runtime.request_reload()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
+    signals = _SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     runtime.start()
     # What start-up built (config models, topology, layout, board, gRPC objects) lives
     # as long as the process: frozen out of the collector's generations it is never
@@ -253,9 +240,53 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         ", ".join(runtime.manager.resources),
         config.kubelet_dir,
     )
-    stop.wait()  # a signal's handler sets it (signals interrupt the wait)
+    while True:
+        received = signals.wait()
+        if received == signal.SIGHUP:
+            log.info("received SIGHUP; reloading the config")
+            runtime.request_reload()
+        else:
+            log.info("received %s; stopping", received.name)
+            break
+    signals.close()
     runtime.stop()
     return EXIT_OK
+
+
+class _SignalPipe:
+    """The signals the main thread acts on, read from a pipe (``signal.set_wakeup_fd``).
+
+    CPython runs a signal's Python handler only in the main thread, once it is back in
+    the interpreter: one that waited on a lock could sleep through a signal the C
+    handler caught just before the wait (nothing woke it), and a handler that logs can
+    interrupt the main thread inside logging. Here the handlers do nothing; the C
+    handler writes each signal's number to the pipe, and the main thread blocks on
+    reading it, so no signal is missed or handled late.
+    """
+
+    def __init__(self, signums: Sequence[signal.Signals]) -> None:
+        self._read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._write = write
+        self._pending: list[signal.Signals] = []
+        for signum in signums:
+            signal.signal(signum, _noted)
+        self._previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def wait(self) -> signal.Signals:
+        """The next signal received, in order."""
+        while not self._pending:
+            self._pending.extend(signal.Signals(b) for b in os.read(self._read, 64))
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _noted(_signum: int, _frame: object) -> None:
+    """A signal's Python handler: nothing to do (its number is in the wakeup pipe)."""
 
 
 def _plan(args: argparse.Namespace, config: Config) -> int:

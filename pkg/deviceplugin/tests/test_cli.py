@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import types
 from collections.abc import Iterator
@@ -350,3 +351,31 @@ def test_help_exits_0_listing_the_subcommands(run: Cli) -> None:
     assert exited.value.code == 0
     out = run.capsys.readouterr().out
     assert all(name in out for name in ("serve", "plan", "status", "demo", "healthz"))
+
+
+@pytest.fixture
+def signal_pipe() -> Iterator[cli._SignalPipe]:
+    kept = {n: signal.getsignal(n) for n in (signal.SIGHUP, signal.SIGUSR1)}
+    pipe = cli._SignalPipe((signal.SIGHUP, signal.SIGUSR1))
+    try:
+        yield pipe
+    finally:
+        pipe.close()
+        for signum, handler in kept.items():
+            signal.signal(signum, handler)
+
+
+def test_serve_waits_for_signals_in_order_and_none_is_lost_before_the_wait(
+    signal_pipe: cli._SignalPipe,
+) -> None:
+    # Both came while the main thread was busy (a handler that only set an Event could
+    # leave the main thread asleep on its lock): both are there, in order.
+    os.kill(os.getpid(), signal.SIGHUP)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert signal_pipe.wait() == signal.SIGHUP
+    assert signal_pipe.wait() == signal.SIGUSR1
+    # one sent by another thread while the main thread waits wakes it
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGHUP))
+    timer.start()
+    assert signal_pipe.wait() == signal.SIGHUP
+    timer.join()
