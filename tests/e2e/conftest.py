@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -8,6 +9,9 @@ import pytest
 from tests.e2e import support
 
 RESOURCES = ("kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat")
+# The tests of a restarted kubelet's re-admission race run on each of these topologies in
+# one session (tox env kubelet-race); elsewhere on the selected one.
+RACE_TOPOLOGIES = os.environ.get("KYB_RACE_TOPOLOGIES", support.TOPOLOGY).split()
 
 
 @pytest.fixture
@@ -17,7 +21,13 @@ def node() -> Iterator[support.Node]:
 
 @pytest.fixture
 def serving(node: support.Node) -> support.Node:
-    """The plugin started with the default config, every profile registered.
+    """The plugin started with the default config, every profile registered."""
+    return serve(node)
+
+
+def serve(node: support.Node) -> support.Node:
+    """Start the plugin with the default config and wait until every profile is
+    registered.
 
     On a topology with scripted faults, the script is played out first (with quick
     probes) so that the tests using this fixture see a steady, healthy node.
@@ -44,3 +54,13 @@ def serving(node: support.Node) -> support.Node:
             5.0,
         ), node.log()
     return node
+
+
+@pytest.fixture(params=RACE_TOPOLOGIES)
+def serving_each(request: pytest.FixtureRequest) -> Iterator[support.Node]:
+    """``serving`` on each topology of ``KYB_RACE_TOPOLOGIES``."""
+    nodes = support.node(topology=request.param)
+    try:
+        yield serve(next(nodes))
+    finally:
+        nodes.close()

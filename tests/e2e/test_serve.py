@@ -17,7 +17,7 @@ import pytest
 from pkg.deviceplugin.api.deviceplugin.v1beta1 import api_pb2
 from pkg.deviceplugin.kubeletsim.simulator import AdmissionError, ContainerSpec
 from pkg.deviceplugin.topology import grouping
-from pkg.deviceplugin.types import group_size_of
+from pkg.deviceplugin.types import Topology, group_size_of
 from tests.e2e import hostile, support
 from tests.e2e.conftest import RESOURCES
 
@@ -25,8 +25,8 @@ TOPOLOGY = support.topology_of()
 SEATS = {"kyb.ai/gpu-1x-seat": 4, "kyb.ai/gpu-2x-seat": 3}  # the built-in default
 
 
-def expected_seats(resource: str) -> int:
-    return (len(TOPOLOGY.gpus) // group_size_of(resource)) * SEATS[resource]
+def expected_seats(resource: str, topology: Topology = TOPOLOGY) -> int:
+    return (len(topology.gpus) // group_size_of(resource)) * SEATS[resource]
 
 
 def needs_seats(resource: str) -> None:
@@ -226,12 +226,14 @@ def test_holding_a_1x_seat_fences_the_2x_group_in_list_and_watch(serving: suppor
 @pytest.mark.e2e
 @pytest.mark.kubelet_race
 def test_kubelet_restart_reregisters_every_profile_within_a_second(
-    serving: support.Node,
+    serving_each: support.Node,
 ) -> None:
     """And before the restarted kubelet re-admits its running pods (70 ms after its
     new kubelet.sock): it kills a pod whose init container holds a seat of a profile
     not registered by then (conformance/kubelet/README.md, "The real kubelet binary")."""
-    held = [r for r in RESOURCES if expected_seats(r)]
+    serving = serving_each
+    topology = support.topology_of(serving.topology)
+    held = [r for r in RESOURCES if expected_seats(r, topology)]
     for resource in held:
         serving.kubelet.admit(
             f"init-{group_size_of(resource)}x",
