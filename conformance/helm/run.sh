@@ -28,10 +28,14 @@ fi
 
 started=$(date +%s)
 version=$(cd "$here" && go list -m -f '{{.Version}}' helm.sh/helm/v4)
-(cd "$here" && go build -o .bin/helm \
+# Outside the checkout, as conformance/kubelet/e2e.sh keeps the kubelet: relinked only
+# when go.mod, go.sum or the toolchain change (go build checks the binary's build ID).
+bin=${KYB_GO_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/kyb-device-plugin/go-bin}
+bin=$bin/helm-$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-16)
+(cd "$here" && go build -o "$bin/helm" \
     -ldflags "-X helm.sh/helm/v4/internal/version.version=$version" helm.sh/helm/v4/cmd/helm)
 echo "conformance/helm: helm $version built in $(($(date +%s) - started)) s"
 
-export KYB_HELM=$here/.bin/helm
+export KYB_HELM=$bin/helm
 cd "$repo"
 exec "$python" -m pytest -q -p no:cacheprovider "$here/test_helm.py" "$@"

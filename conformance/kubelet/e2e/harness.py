@@ -35,7 +35,8 @@ from pkg.deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
 from tests.e2e import support
 
 REPO = support.REPO
-BIN = Path(os.environ.get("KYB_E2E_BIN", REPO / "conformance" / "kubelet" / ".bin"))
+# the kubelet and fakecri, as conformance/kubelet/e2e.sh builds them (it sets this)
+BIN = Path(os.environ.get("KYB_E2E_BIN", "/nonexistent"))
 PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 NODE_NAME = "kyb-e2e"
 RESOURCES = ("kyb.ai/gpu-1x-seat", "kyb.ai/gpu-2x-seat")
@@ -69,7 +70,7 @@ def why_not_here() -> str | None:
     if missing:
         return f"not covered by a private mount: {', '.join(missing)}"
     if not (BIN / "kubelet").exists() or not (BIN / "fakecri").exists():
-        return f"no kubelet or fakecri in {BIN}"
+        return f"no kubelet or fakecri in {BIN} (conformance/kubelet/e2e.sh builds them)"
     return None
 
 
