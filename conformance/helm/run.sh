@@ -32,6 +32,7 @@ version=$(cd "$here" && go list -m -f '{{.Version}}' helm.sh/helm/v4)
 # when go.mod, go.sum or the toolchain change (go build checks the binary's build ID).
 bin=${KYB_GO_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/kyb-device-plugin/go-bin}
 bin=$bin/helm-$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-16)
+mkdir -p "$bin" 2>/dev/null || bin=$here/.bin  # no writable cache: in the checkout, as before
 (cd "$here" && go build -o "$bin/helm" \
     -ldflags "-X helm.sh/helm/v4/internal/version.version=$version" helm.sh/helm/v4/cmd/helm)
 echo "conformance/helm: helm $version built in $(($(date +%s) - started)) s"

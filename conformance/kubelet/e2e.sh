@@ -38,6 +38,7 @@ fi
 # build ID is current as it is: it links only when its sources or the toolchain change.
 bin=${KYB_GO_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/kyb-device-plugin/go-bin}
 bin=$bin/kubelet-$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-16)
+mkdir -p "$bin" 2>/dev/null || bin=$here/.bin  # no writable cache: in the checkout, as before
 mkdir -p "$bin"
 started=$(date +%s)
 (cd "$here" && go build -o "$bin/kubelet" k8s.io/kubernetes/cmd/kubelet && go build -o "$bin/fakecri" ./fakecri)
