@@ -211,7 +211,9 @@ class Saver:
         finally:
             self._write_lock.release()
         with self._lock:
-            if store.appended == appended:
+            # closed: the stop's flush saves and empties the journal, then closes it
+            # (emptying it after that would open it again)
+            if store.appended == appended and not self._closed():
                 store.empty_journal()
 
     def _write(self, store: StateStore, *, clean: bool = False) -> None:

@@ -7,8 +7,11 @@ import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -341,3 +344,48 @@ def test_a_journal_cut_at_a_line_or_removed_after_a_crash_hands_out_no_generatio
         for seat, before in handed.items():
             again = int(allocate(restarted, R1, [[seat]])[0].envs["KYB_SEAT_GEN"])
             assert again > before, f"{seat} handed out {again} after {before}"
+
+
+def open_files(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path.resolve()))
+
+
+def test_a_write_behind_that_ends_after_the_clean_stop_leaves_the_journal_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The write behind a binding is saving when the plugin stops: the stop's flush
+    # waits for it, saves, empties and closes the journal. The write behind then
+    # emptied the journal once more: it opened it again (created it, in a directory
+    # being removed: CI's unit env, "Directory not empty") and left it open.
+    writes = WritesBehind()
+    board = opened(tmp_path, writes)
+    allocate(board, R2, [["G01-s1"]])
+    saving, go = threading.Event(), threading.Event()
+    store = StateStore.save_encoded
+
+    def slow_save(self: StateStore, *args: Any, **kwargs: Any) -> None:
+        store(self, *args, **kwargs)
+        if threading.current_thread().name == "write-behind":
+            saving.set()
+            go.wait(10)
+
+    monkeypatch.setattr(StateStore, "save_encoded", slow_save)
+    behind = threading.Thread(target=writes.land, name="write-behind")
+    behind.start()
+    assert saving.wait(10)
+    board.close()
+    stop = threading.Thread(target=board.flush, name="stop")
+    stop.start()
+    deadline = time.monotonic() + 10
+    while board._lock.acquire(blocking=False):  # until the stop's flush holds it
+        board._lock.release()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    go.set()
+    stop.join(10)
+    behind.join(10)
+    assert open_files(tmp_path / store_mod.JOURNAL_FILE) == 0
+    assert journal_lines(tmp_path) == []
+    assert saved_state(tmp_path, R2, "G01", "G01-s1") == "held"
