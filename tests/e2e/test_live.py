@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -193,19 +193,29 @@ def test_config_changes_are_seen_at_once_not_by_polling(
     mounted: tuple[support.Node, ConfigMapMount],
 ) -> None:
     """Issue 18: the file was hashed every second whatever happened. Its directories are
-    watched now: a ConfigMap swap and an edit in place each apply well under a second."""
+    watched now: ConfigMap swaps and an edit in place each apply at once.
+
+    Four changes in a row, each made as soon as the last one is served: polled once a
+    second, every change after the first waits for the next tick, about a second after
+    the one that applied the last change (three of them: 2.7 s at least). Timed one by
+    one instead, a loaded CPU (CI's parallel phase) once made a single change 0.74 s
+    late against a 0.6 s bound, with no polling involved."""
     node, mount = mounted
-    for seats in (1, 2, 3):
+    in_place = mount.dir / "..data" / "config.yaml"
+
+    def swap(seats: int) -> Callable[[], object]:
+        return lambda: mount.publish(BASE.replace("seatsPerGroup: 4", f"seatsPerGroup: {seats}"))
+
+    changes = [(1, swap(1)), (2, swap(2)), (3, swap(3)), (4, lambda: in_place.write_text(BASE))]
+    took = []
+    for seats, change in changes:
         started = time.monotonic()
-        mount.publish(BASE.replace("seatsPerGroup: 4", f"seatsPerGroup: {seats}"))
+        change()
         assert support.wait_until(
             lambda n=seats: len(node.kubelet.healthy(R1)) == 8 * n, 3.0, step=0.01
         ), node.log()
-        assert time.monotonic() - started < 0.6, f"applied {time.monotonic() - started:.2f}s late"
-    started = time.monotonic()
-    (mount.dir / "..data" / "config.yaml").write_text(BASE)  # an edit in place
-    assert support.wait_until(lambda: len(node.kubelet.healthy(R1)) == 8 * 4, 3.0, step=0.01)
-    assert time.monotonic() - started < 0.6, f"applied {time.monotonic() - started:.2f}s late"
+        took.append(time.monotonic() - started)
+    assert sum(took) < 2.0, f"applied after {', '.join(f'{t:.2f}' for t in took)} s"
 
 
 def _free_port() -> int:
