@@ -363,10 +363,10 @@ def test_a_write_behind_that_ends_after_the_clean_stop_leaves_the_journal_closed
     board = opened(tmp_path, writes)
     allocate(board, R2, [["G01-s1"]])
     saving, go = threading.Event(), threading.Event()
-    store = StateStore.save_encoded
+    real_save = StateStore.save_encoded
 
     def slow_save(self: StateStore, *args: Any, **kwargs: Any) -> None:
-        store(self, *args, **kwargs)
+        real_save(self, *args, **kwargs)
         if threading.current_thread().name == "write-behind":
             saving.set()
             go.wait(10)
